@@ -1,0 +1,34 @@
+"""conveyor: one API over threads, processes and clusters, with pools, futures and pipelines.
+
+Example:
+    >>> import conveyor
+    >>> with conveyor.Pool(workers=4) as pool:
+    ...     sum(pool.map(abs, range(-3, 3)))
+    9
+"""
+
+from ._errors import (
+    InitializerFailed,
+    PicklingFailed,
+    PoolFull,
+    TaskTimeout,
+    UnpicklingFailed,
+    WorkerCrashed,
+)
+from ._executors import ThreadPoolExecutor
+from ._pool import AsyncResult, Pool, PoolStatistics
+
+__all__ = [
+    "AsyncResult",
+    "InitializerFailed",
+    "PicklingFailed",
+    "Pool",
+    "PoolFull",
+    "PoolStatistics",
+    "TaskTimeout",
+    "ThreadPoolExecutor",
+    "UnpicklingFailed",
+    "WorkerCrashed",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""The seam between ``Pool`` and the engines that run calls.
+
+A backend knows nothing of futures, ordering, retries or statistics: it receives ``Batch``es,
+runs each call of a batch in order, fills in the batch's outcomes and hands it back with
+``batch.finish()``. Everything a user can observe is decided in ``Pool``.
+
+The contract, for every backend:
+
+* ``submit(batch)`` queues a batch and returns at once; it never runs user code in the caller.
+* Before running a batch the backend calls ``batch.begin()``; when that returns False the batch
+  was cancelled and must be dropped without a word.
+* Each call ends in exactly one of ``batch.values[i]`` (success) or ``batch.errors[i]``.
+  A call the backend could not even start (its worker died first) gets ``NotRun`` and Pool runs
+  it again elsewhere, without counting an attempt.
+* ``batch.elapsed`` is the wall time spent running the calls: it feeds the batch sizer.
+* A call with ``batch.timeout`` set must end by then: killed (``can_kill``) or abandoned.
+* ``drain()`` takes back the queued batches that no worker started, for cancellation.
+* ``shutdown(wait)`` lets workers finish what they run and stops them; after ``wait=True`` no
+  thread or process of the backend is left.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+__all__ = ["Backend", "Batch", "NotRun"]
+
+
+class NotRun(Exception):
+    """Marks a call that its worker never started: Pool runs it again elsewhere."""
+
+
+class Batch:
+    """Calls of one function, run in order by one worker and reported together.
+
+    ``host`` is the object that learns about the batch's life: it implements
+    ``_begin(batch) -> bool`` and ``_finish(batch)``.
+    """
+
+    __slots__ = (
+        "args",
+        "attempt",
+        "elapsed",
+        "errors",
+        "fn",
+        "future",
+        "host",
+        "kwargs",
+        "outstanding",
+        "parent",
+        "places",
+        "seq",
+        "sink",
+        "slot",
+        "star",
+        "state",
+        "timeout",
+        "values",
+    )
+
+    def __init__(
+        self,
+        host: Any,
+        fn: Callable[..., Any],
+        args: list[Any],
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        star: bool = True,
+    ) -> None:
+        self.host = host
+        self.fn = fn
+        # With ``star`` each element of ``args`` is a tuple of positional arguments; without it
+        # each element is the single argument itself (``map`` over one iterable).
+        self.args = args
+        self.star = star
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self.values: list[Any] = [None] * len(args)
+        self.errors: dict[int, BaseException] | None = None
+        self.elapsed = 0.0
+        # Owned by Pool: the future of a submit, the sequence number inside a map, the retry
+        # bookkeeping. Backends leave them alone.
+        self.future: Any = None
+        self.sink: Callable[[Batch], object] | None = None
+        self.seq = 0
+        self.attempt = 1
+        self.parent: Batch | None = None  # a rerun's original batch
+        self.places: list[int] = []  # a rerun's call positions in its parent
+        self.outstanding = 0  # reruns of this batch not finished yet
+        self.slot = False  # holds one of the pool's ``max_pending`` places
+        self.state = 0
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+    def begin(self) -> bool:
+        """Called by the backend just before running; False means: cancelled, drop it."""
+        return bool(self.host._begin(self))
+
+    def finish(self) -> None:
+        """Called by the backend once every call has its outcome."""
+        self.host._finish(self)
+
+    def fail(self, index: int, error: BaseException) -> None:
+        """Record that call ``index`` raised ``error``."""
+        if self.errors is None:
+            self.errors = {}
+        self.errors[index] = error
+
+
+class Backend(abc.ABC):
+    """An engine that runs batches of calls on some kind of worker."""
+
+    #: The name given to ``Pool(backend=...)``.
+    name: ClassVar[str]
+    #: Whether a running call can be stopped at its deadline (else it is abandoned).
+    can_kill: ClassVar[bool]
+    #: Whether functions, arguments and results cross a process boundary.
+    needs_pickle: ClassVar[bool]
+    #: How long one batch should run: long enough to hide the per-batch cost, short enough to
+    #: balance load. The batch sizer aims at it from measured call durations.
+    batch_seconds: ClassVar[float]
+
+    def __init__(self, workers: int, on_broken: Callable[[BaseException], None]) -> None:
+        self.workers = workers
+        self._on_broken = on_broken
+
+    @staticmethod
+    @abc.abstractmethod
+    def default_workers() -> int:
+        """The worker count used when the user gives none."""
+
+    @abc.abstractmethod
+    def submit(self, batch: Batch) -> None:
+        """Queue ``batch`` to run; never blocks on user code."""
+
+    @abc.abstractmethod
+    def drain(self) -> list[Batch]:
+        """Remove and return the queued batches that no worker has started."""
+
+    @abc.abstractmethod
+    def shutdown(self, wait: bool, kill: bool = False) -> None:
+        """Stop every worker once the queue is empty; ``kill`` stops running calls too."""
+
+    @abc.abstractmethod
+    def busy(self) -> int:
+        """How many workers are running a batch now."""
+
+    def live_workers(self) -> int:
+        """How many workers exist now (may be fewer than ``workers`` before they are needed)."""
+        return self.workers

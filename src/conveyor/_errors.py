@@ -1,0 +1,104 @@
+"""Every error conveyor raises on its own behalf.
+
+Each class subclasses the standard-library error that existing code already catches, so
+replacing ``concurrent.futures`` with conveyor never turns a handled error into an unhandled one.
+A task's own exception is never wrapped: it reaches the caller as itself.
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.thread import BrokenThreadPool
+
+__all__ = [
+    "InitializerFailed",
+    "PicklingFailed",
+    "PoolFull",
+    "TaskTimeout",
+    "UnpicklingFailed",
+    "WorkerCrashed",
+]
+
+
+class PoolFull(RuntimeError):
+    """``submit_nowait`` found the pool's ``max_pending`` bound reached.
+
+    Example:
+        >>> import conveyor
+        >>> issubclass(conveyor.PoolFull, RuntimeError)
+        True
+    """
+
+
+class TaskTimeout(TimeoutError):
+    """A call ran longer than its per-call ``timeout``.
+
+    On the process backend the worker running it was stopped; on threads, which cannot be
+    stopped, the call's outcome was decided at the deadline and its late result discarded.
+
+    Example:
+        >>> import conveyor
+        >>> issubclass(conveyor.TaskTimeout, TimeoutError)
+        True
+    """
+
+
+class WorkerCrashed(BrokenProcessPool):
+    """The worker process running a call died (signal, ``os._exit``, segfault, out of memory).
+
+    Only that call fails; the pool replaces the worker and goes on. ``exitcode`` is the
+    process's exit code (negative: killed by that signal) and ``attempts`` how many workers
+    the call was tried on.
+
+    Example:
+        >>> import conveyor
+        >>> from concurrent.futures.process import BrokenProcessPool
+        >>> issubclass(conveyor.WorkerCrashed, BrokenProcessPool)
+        True
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[type[WorkerCrashed], tuple[str, int | None, int]]:
+        return (type(self), (str(self), self.exitcode, self.attempts))
+
+
+class InitializerFailed(BrokenThreadPool, BrokenProcessPool):
+    """The pool's ``initializer`` raised: the pool is broken and takes no more work.
+
+    It is both a ``BrokenThreadPool`` and a ``BrokenProcessPool``, so ``except`` clauses written
+    for either standard executor keep working. The initializer's exception is the ``__cause__``.
+
+    Example:
+        >>> import conveyor
+        >>>         >>> issubclass(conveyor.InitializerFailed, BrokenExecutor)
+        True
+    """
+
+
+class PicklingFailed(pickle.PicklingError):
+    """A call's function, arguments or result could not be pickled.
+
+    Only that call fails. The original error is the ``__cause__``.
+
+    Example:
+        >>> import conveyor, pickle
+        >>> issubclass(conveyor.PicklingFailed, pickle.PicklingError)
+        True
+    """
+
+
+class UnpicklingFailed(pickle.UnpicklingError):
+    """A call's function, arguments or result could not be unpickled on the other side.
+
+    Only that call fails. The original error is the ``__cause__`` when it could be carried.
+
+    Example:
+        >>> import conveyor, pickle
+        >>> issubclass(conveyor.UnpicklingFailed, pickle.UnpicklingError)
+        True
+    """

@@ -1,0 +1,57 @@
+"""Drop-in replacements for the stdlib executors: change one import, keep the signatures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._pool import Pool
+
+__all__ = ["ThreadPoolExecutor"]
+
+
+class ThreadPoolExecutor(Pool):
+    """``concurrent.futures.ThreadPoolExecutor`` with the same signature and behaviour.
+
+    ``map`` submits its whole input at once, as the stdlib's does; pass ``buffersize`` to make
+    it lazy. The keyword-only arguments ``max_pending``, ``timeout``, ``retries`` and
+    ``retry_on`` and ``statistics()`` come from ``conveyor.Pool``.
+
+    Example:
+        >>> from conveyor import ThreadPoolExecutor
+        >>> with ThreadPoolExecutor(max_workers=2) as executor:
+        ...     list(executor.map(len, ["ab", "c"]))
+        [2, 1]
+    """
+
+    _eager_map = True
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        thread_name_prefix: str = "",
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_pending: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    ) -> None:
+        if max_workers is not None and (
+            isinstance(max_workers, bool) or not isinstance(max_workers, int)
+        ):
+            raise TypeError(f"max_workers must be an int > 0 or None, got {max_workers!r}")
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        super().__init__(
+            "thread",
+            max_workers,
+            max_pending=max_pending,
+            timeout=timeout,
+            retries=retries,
+            retry_on=retry_on,
+            initializer=initializer,
+            initargs=initargs,
+            thread_name_prefix=thread_name_prefix,
+        )

@@ -1,0 +1,215 @@
+"""The lazy, bounded map behind ``Pool.map``, ``imap`` and ``imap_unordered``.
+
+The iterator pulls input only while its window has room, cuts it into batches sized from the
+measured duration of earlier calls, and yields results in input order (through a reorder buffer
+no larger than the window) or as batches complete. Leaving it early cancels what it queued.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._backends._base import Batch
+
+if TYPE_CHECKING:
+    from ._pool import Pool
+
+R = TypeVar("R")
+
+#: Largest batch the sizer builds on its own; an explicit ``chunksize`` may be larger.
+MAX_BATCH = 4096
+#: Items a map keeps in flight when the caller sets no ``buffersize``.
+DEFAULT_WINDOW_ITEMS = 65536
+
+
+class MapIterator(Iterator[R], Generic[R]):
+    """Results of one ``map`` call; see ``Pool.map`` for the behaviour."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        fn: Callable[..., R],
+        inputs: Iterator[Any],
+        *,
+        star: bool,
+        ordered: bool,
+        timeout: float | None,
+        chunksize: int | None,
+        buffersize: int | None,
+        eager: bool = False,
+    ) -> None:
+        self._pool = pool
+        self._fn = fn
+        self._inputs = inputs
+        self._star = star
+        self._ordered = ordered
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._chunksize = chunksize
+        self._call_timeout = pool._timeout
+        workers = pool._workers
+        if eager:
+            self._max_batches: float = float("inf")
+            self._max_items: float = float("inf")
+        else:
+            self._max_batches = max(4, 2 * workers)
+            self._max_items = buffersize if buffersize is not None else DEFAULT_WINDOW_ITEMS
+        # Batch sizes: never so large that the window holds fewer batches than workers.
+        self._size_cap = max(1, min(MAX_BATCH, int(self._max_items // max(1, workers))))
+        self._target = pool._backend.batch_seconds
+        self._per_item: float | None = None  # measured seconds per call
+        self._done: queue.SimpleQueue[Batch] = queue.SimpleQueue()
+        self._inflight: dict[int, Batch] = {}  # submitted, not yet consumed
+        self._ready: dict[int, Batch] = {}  # ordered mode: done, waiting for its turn
+        self._items = 0  # calls in _inflight
+        self._next_seq = 0
+        self._head = 0
+        self._exhausted = False
+        self._input_error: BaseException | None = None
+        self._values: list[Any] = []
+        self._errors: dict[int, BaseException] | None = None
+        self._pos = 0
+        self._closed = False
+        self._fill()
+
+    def __iter__(self) -> MapIterator[R]:
+        return self
+
+    def __next__(self) -> R:
+        pos = self._pos
+        if pos < len(self._values):
+            self._pos = pos + 1
+            if self._errors is not None and pos in self._errors:
+                self._raise(self._errors[pos])
+            value: R = self._values[pos]
+            return value
+        return self._advance()
+
+    def close(self) -> None:
+        """Stop: cancel the calls this map queued that have not started. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._exhausted = True
+        self._values = []
+        self._errors = None
+        self._pos = 0
+        pending = list(self._inflight.values())
+        self._inflight.clear()
+        self._ready.clear()
+        self._pool._cancel_batches(pending, drained=False)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _raise(self, error: BaseException) -> R:
+        self.close()
+        raise error
+
+    def _advance(self) -> R:
+        if self._closed:
+            raise StopIteration
+        self._fill()
+        batch = self._next_batch()
+        if batch is None:
+            error = self._input_error
+            self.close()
+            if error is not None:
+                self._input_error = None
+                raise error
+            raise StopIteration
+        self._values = batch.values
+        self._errors = batch.errors
+        self._pos = 0
+        return self.__next__()
+
+    def _next_batch(self) -> Batch | None:
+        """The next batch to yield from, waiting for it; None when nothing is left."""
+        if self._ordered:
+            batch = self._ready.pop(self._head, None)
+            while batch is None:
+                if self._head not in self._inflight:
+                    return None
+                done = self._wait()
+                if done.seq == self._head:
+                    batch = done
+                else:
+                    self._ready[done.seq] = done
+            self._head += 1
+        else:
+            if not self._inflight:
+                return None
+            batch = self._wait()
+        del self._inflight[batch.seq]
+        self._items -= len(batch)
+        if batch.elapsed > 0.0:
+            per_item = batch.elapsed / len(batch)
+            old = self._per_item
+            self._per_item = per_item if old is None else 0.5 * (old + per_item)
+        # Refill now: the workers should not wait while the caller consumes this batch.
+        self._fill()
+        return batch
+
+    def _wait(self) -> Batch:
+        if self._deadline is None:
+            return self._done.get()
+        remaining = self._deadline - time.monotonic()
+        try:
+            return self._done.get(timeout=max(0.0, remaining))
+        except queue.Empty:
+            self.close()
+            raise TimeoutError("map() did not produce its next result within timeout") from None
+
+    def _batch_size(self) -> int:
+        if self._chunksize is not None:
+            return self._chunksize
+        if self._call_timeout is not None or self._per_item is None:
+            # A per-call deadline is watched call by call; an unmeasured function may be slow,
+            # and one slow batch would hold back everything behind it.
+            return 1
+        size = int(self._target / max(self._per_item, 1e-9))
+        return max(1, min(self._size_cap, size))
+
+    def _fill(self) -> None:
+        """Pull and submit input while the window has room."""
+        if self._exhausted:
+            return
+        pool = self._pool
+        while len(self._inflight) < self._max_batches and self._items < self._max_items:
+            size = self._batch_size()
+            if self._max_items != float("inf"):
+                size = max(1, min(size, int(self._max_items - self._items)))
+            try:
+                args = list(itertools.islice(self._inputs, size))
+            except BaseException as exc:
+                # Raised once the results before it are yielded, as a loop over the input
+                # would have raised it.
+                self._input_error = exc
+                self._exhausted = True
+                return
+            if not args:
+                self._exhausted = True
+                return
+            batch = Batch(pool, self._fn, args, None, self._call_timeout, self._star)
+            batch.seq = self._next_seq
+            batch.sink = self._done.put
+            self._next_seq += 1
+            self._inflight[batch.seq] = batch
+            self._items += len(args)
+            try:
+                pool._enqueue(batch, block=True, counted=True)
+            except BaseException:
+                del self._inflight[batch.seq]
+                self._items -= len(args)
+                raise
+            if len(args) < size:
+                self._exhausted = True
+                return
