@@ -1,0 +1,59 @@
+"""Shared fixtures: every test must leave no thread and no child process behind."""
+
+from __future__ import annotations
+
+import faulthandler
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+faulthandler.enable(file=sys.stderr, all_threads=True)
+
+#: How long a test's threads and children get to finish after the test body returns.
+LEAK_GRACE = 10.0
+
+
+def _children() -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True) if _alive(p)}
+    except psutil.Error:  # pragma: no cover
+        return set()
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test if it leaves a thread or a child process running."""
+    threads_before = set(threading.enumerate())
+    children_before = _children()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        threads = [
+            t for t in threading.enumerate() if t not in threads_before and t.is_alive()
+        ]
+        children = _children() - children_before
+        if not threads and not children:
+            return
+        if time.monotonic() > deadline:
+            break
+        # Polling here is waiting for an effect of the code under test (threads exiting),
+        # bounded by LEAK_GRACE; there is no event to wait on for "a thread has ended".
+        for t in threads:
+            t.join(timeout=0.05)
+        if not threads:
+            time.sleep(0.05)
+    pytest.fail(
+        f"test left behind threads {[t.name for t in threads]} and child processes "
+        f"{sorted(children)}"
+    )
