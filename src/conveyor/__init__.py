@@ -15,7 +15,7 @@ from ._errors import (
     UnpicklingFailed,
     WorkerCrashed,
 )
-from ._executors import ThreadPoolExecutor
+from ._executors import ProcessPoolExecutor, ThreadPoolExecutor
 from ._pool import AsyncResult, Pool, PoolStatistics
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Pool",
     "PoolFull",
     "PoolStatistics",
+    "ProcessPoolExecutor",
     "TaskTimeout",
     "ThreadPoolExecutor",
     "UnpicklingFailed",

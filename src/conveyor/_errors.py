@@ -63,8 +63,14 @@ class WorkerCrashed(BrokenProcessPool):
         self.exitcode = exitcode
         self.attempts = attempts
 
+    def __str__(self) -> str:
+        message = super().__str__()
+        if self.attempts > 1:
+            return f"{message} (the call was tried {self.attempts} times, each crashed its worker)"
+        return message
+
     def __reduce__(self) -> tuple[type[WorkerCrashed], tuple[str, int | None, int]]:
-        return (type(self), (str(self), self.exitcode, self.attempts))
+        return (type(self), (self.args[0], self.exitcode, self.attempts))
 
 
 class InitializerFailed(BrokenThreadPool, BrokenProcessPool):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from multiprocessing.context import BaseContext
 from typing import Any
 
 from ._pool import Pool
 
-__all__ = ["ThreadPoolExecutor"]
+__all__ = ["ProcessPoolExecutor", "ThreadPoolExecutor"]
 
 
 class ThreadPoolExecutor(Pool):
@@ -38,12 +39,7 @@ class ThreadPoolExecutor(Pool):
         retries: int = 0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
     ) -> None:
-        if max_workers is not None and (
-            isinstance(max_workers, bool) or not isinstance(max_workers, int)
-        ):
-            raise TypeError(f"max_workers must be an int > 0 or None, got {max_workers!r}")
-        if max_workers is not None and max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        _check_max_workers(max_workers)
         super().__init__(
             "thread",
             max_workers,
@@ -55,3 +51,58 @@ class ThreadPoolExecutor(Pool):
             initargs=initargs,
             thread_name_prefix=thread_name_prefix,
         )
+
+
+class ProcessPoolExecutor(Pool):
+    """``concurrent.futures.ProcessPoolExecutor`` with the same signature and behaviour,
+    except that a worker's crash fails only its own call (still a ``BrokenProcessPool``, as
+    ``conveyor.WorkerCrashed``) and the pool stays usable.
+
+    ``map`` submits its whole input at once, as the stdlib's does, in batches of ``chunksize``;
+    pass ``buffersize`` to make it lazy. Keyword-only ``max_pending``, ``timeout``, ``retries``
+    and ``retry_on`` and ``statistics()`` come from ``conveyor.Pool``.
+
+    Example:
+        >>> from conveyor import ProcessPoolExecutor
+        >>> with ProcessPoolExecutor(max_workers=2) as executor:
+        ...     list(executor.map(abs, [-1, -2]))
+        [1, 2]
+    """
+
+    _eager_map = True
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: BaseContext | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        max_pending: int | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+    ) -> None:
+        _check_max_workers(max_workers)
+        super().__init__(
+            "process",
+            max_workers,
+            max_pending=max_pending,
+            timeout=timeout,
+            retries=retries,
+            retry_on=retry_on,
+            initializer=initializer,
+            initargs=initargs,
+            mp_context=mp_context,
+            max_tasks_per_worker=max_tasks_per_child,
+        )
+
+
+def _check_max_workers(max_workers: int | None) -> None:
+    if max_workers is not None and (
+        isinstance(max_workers, bool) or not isinstance(max_workers, int)
+    ):
+        raise TypeError(f"max_workers must be an int > 0 or None, got {max_workers!r}")
+    if max_workers is not None and max_workers <= 0:
+        raise ValueError("max_workers must be greater than 0")

@@ -169,12 +169,13 @@ class MapIterator(Iterator[R], Generic[R]):
             raise TimeoutError("map() did not produce its next result within timeout") from None
 
     def _batch_size(self) -> int:
+        if self._call_timeout is not None:
+            return 1  # a deadline is watched per batch, so each call gets its own
         if self._chunksize is not None:
             return self._chunksize
-        if self._call_timeout is not None or self._per_item is None:
-            # A per-call deadline is watched call by call; an unmeasured function may be slow,
-            # and one slow batch would hold back everything behind it.
-            return 1
+        if self._per_item is None:
+            return 1  # an unmeasured function may be slow: one slow batch would hold back all
+
         size = int(self._target / max(self._per_item, 1e-9))
         return max(1, min(self._size_cap, size))
 

@@ -1,0 +1,150 @@
+"""Serialisation between the pool and its worker processes.
+
+Objects are pickled with protocol 5. Functions and objects that pickle cannot handle by
+reference (lambdas, closures, anything defined in ``__main__``) fall back to cloudpickle.
+
+Large buffers (NumPy arrays, ``bytes``, ``bytearray``, ``memoryview`` of ``BIG`` bytes or more)
+travel out of band: the sender writes each into a file in ``/dev/shm`` (the one copy), the
+receiver maps that file and unpickles straight from the mapping (no copy), then unlinks it so
+the memory goes away with the last reference. Where ``/dev/shm`` is missing they stay in band.
+
+A message is one of::
+
+    b"\\x00" + pickle            everything in band
+    b"\\x01" + pickle((files, pickle))   with out-of-band buffers in ``files``
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import mmap
+import os
+import pickle
+import secrets
+from typing import Any
+
+import cloudpickle
+
+__all__ = ["BIG", "dumps", "dumps_function", "forget_files", "loads"]
+
+#: Buffers of at least this many bytes go through shared memory.
+BIG = 1 << 20
+_SHM_DIR = "/dev/shm"
+_HAS_SHM = os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK)
+_names = itertools.count()
+_INBAND = b"\x00"
+_OUTBAND = b"\x01"
+
+
+def _prefix(pid: int) -> str:
+    return f"{_SHM_DIR}/conveyor-{pid}-"
+
+
+def dumps_function(fn: Any) -> bytes:
+    """Pickle a function into a message: by reference when it can be imported again (the
+    worker imports its module), else by value (lambdas, closures, ``__main__``)."""
+    if getattr(fn, "__module__", None) != "__main__":
+        try:
+            return _INBAND + pickle.dumps(fn, protocol=5)
+        except Exception:
+            pass
+    return _INBAND + cloudpickle.dumps(fn, protocol=5)
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` into one message; raises what pickle and cloudpickle both raise."""
+    big: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        # Returning False sends the buffer out of band.
+        if not _HAS_SHM:
+            return True
+        try:
+            size = buffer.raw().nbytes
+        except BufferError:  # not contiguous: pickle copies it in band
+            return True
+        if size < BIG:
+            return True
+        big.append(buffer)
+        return False
+
+    try:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    except Exception:
+        big.clear()
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    if not big:
+        return _INBAND + data
+    files: list[tuple[str, int]] = []
+    try:
+        for buffer in big:
+            files.append(_write_file(buffer.raw()))
+    except OSError:
+        forget_files(name for name, _ in files)
+        return _INBAND + pickle.dumps(obj, protocol=5)
+    return _OUTBAND + pickle.dumps((files, data), protocol=5)
+
+
+def loads(message: bytes | bytearray | memoryview) -> Any:
+    """Rebuild an object from ``dumps``' message."""
+    view = memoryview(message)
+    if view[:1] == _INBAND:
+        return pickle.loads(view[1:])
+    files, data = pickle.loads(view[1:])
+    buffers: list[Any] = []
+    try:
+        for name, size in files:
+            buffers.append(_map_file(name, size))
+    finally:
+        forget_files(name for name, _ in files)
+    return pickle.loads(data, buffers=buffers)
+
+
+def files_of(message: bytes) -> list[str]:
+    """The shared-memory files a message refers to (to unlink if it is never received)."""
+    if message[:1] != _OUTBAND:
+        return []
+    files, _ = pickle.loads(memoryview(message)[1:])
+    return [name for name, _ in files]
+
+
+def forget_files(names: Any) -> None:
+    """Unlink shared-memory files; missing ones are fine (the receiver got there first)."""
+    for name in names:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+def forget_files_of(pid: int) -> None:
+    """Unlink every shared-memory file a (dead) process created and nobody received."""
+    forget_files(glob.glob(_prefix(pid) + "*"))
+
+
+def _write_file(data: memoryview) -> tuple[str, int]:
+    name = f"{_prefix(os.getpid())}{next(_names)}-{secrets.token_hex(4)}"
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        size = data.nbytes
+        written = 0
+        flat = data.cast("B") if data.format != "B" else data
+        while written < size:
+            written += os.write(fd, flat[written:])
+    except BaseException:
+        os.close(fd)
+        forget_files([name])
+        raise
+    os.close(fd)
+    return name, size
+
+
+def _map_file(name: str, size: int) -> Any:
+    if size == 0:
+        return bytearray()
+    fd = os.open(name, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)

@@ -1,0 +1,207 @@
+"""The code that runs inside a worker process of the process backend.
+
+A worker reads jobs from its pipe, runs each call and sends outcomes back. Before each call it
+writes the call's index into ``mark``, a word of memory shared with the pool, so that if the
+process dies the pool knows which call killed it (-1: while unpickling the job).
+
+Outcomes are sent when the job ends, and earlier whenever ``FLUSH_SECONDS`` of work has
+accumulated: a slow call's result leaves as soon as it exists, while trivial calls travel in
+bulk. If the worker dies, only results younger than that interval can be lost; those calls run
+again elsewhere.
+
+The worker exits when the pool closes its pipe, when told to stop, or when the pool's process
+dies: a thread watches ``lifeline``, a pipe whose other end only the pool holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import _wire
+
+# Messages, pool -> worker.
+RUN = 0  # (RUN, job_id, fn_id, fn_blob | None, star, kwargs_blob | None, args_blob)
+STOP = 1  # (STOP,)
+FORGET = 2  # (FORGET,): drop cached functions
+# Messages, worker -> pool.
+READY = 10  # (READY, pid)
+RESULTS = 11  # (RESULTS, job_id, start, values, errors, finished, elapsed)
+UNREADABLE = 12  # (UNREADABLE, job_id, error): the job's arguments could not be unpickled
+INIT_FAILED = 13  # (INIT_FAILED, error)
+
+FLUSH_SECONDS = 0.001
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process, as text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def pack_error(error: BaseException) -> tuple[BaseException, str]:
+    """An exception and its formatted traceback, made safe to pickle."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    error.__traceback__ = None
+    try:
+        _wire.dumps(error)
+    except BaseException as problem:
+        from .._errors import PicklingFailed
+
+        substitute = PicklingFailed(
+            f"the call raised {type(error).__qualname__}: {error!r}, which cannot be "
+            f"pickled back to the pool ({type(problem).__name__}: {problem})"
+        )
+        return substitute, text
+    return error, text
+
+
+def unpack_error(packed: tuple[BaseException, str]) -> BaseException:
+    """The exception sent by a worker, with the remote traceback as its cause."""
+    error, text = packed
+    error.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
+    return error
+
+
+def _watch_lifeline(lifeline: Connection) -> None:
+    try:
+        lifeline.recv_bytes()
+    except BaseException:
+        pass
+    # The pool's process is gone: nobody wants our results.
+    os._exit(70)
+
+
+def main(
+    conn: Connection,
+    lifeline: Connection,
+    mark: Any,
+    init_blob: bytes | None,
+    close_fds: tuple[int, ...],
+) -> None:
+    """Entry point of a worker process."""
+    # Ctrl-C in a terminal reaches the whole process group; the pool decides what a
+    # keyboard interrupt means, not each worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in close_fds:  # ends of other pipes inherited through fork
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+    send = conn.send_bytes
+    if init_blob is not None:
+        try:
+            initializer, initargs = _wire.loads(init_blob)
+            initializer(*initargs)
+        except BaseException as exc:
+            send(_wire.dumps((INIT_FAILED, pack_error(exc))))
+            return
+    send(_wire.dumps((READY, os.getpid())))
+    functions: dict[int, Callable[..., Any]] = {}
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        message = _wire.loads(data)
+        kind = message[0]
+        if kind == RUN:
+            _run(message, functions, mark, send)
+        elif kind == FORGET:
+            functions.clear()
+        else:
+            return
+
+
+def _run(
+    message: tuple[Any, ...],
+    functions: dict[int, Callable[..., Any]],
+    mark: Any,
+    send: Callable[[bytes], None],
+) -> None:
+    _, job_id, fn_id, fn_blob, star, kwargs_blob, args_blob = message
+    mark[0] = -1
+    try:
+        if fn_blob is not None:
+            functions[fn_id] = _wire.loads(fn_blob)
+        fn = functions[fn_id]
+        kwargs = _wire.loads(kwargs_blob) if kwargs_blob is not None else None
+        args = _wire.loads(args_blob)
+    except BaseException as exc:
+        send(_wire.dumps((UNREADABLE, job_id, pack_error(exc))))
+        return
+    clock = time.perf_counter
+    started = last = clock()
+    values: list[Any] = []
+    errors: dict[int, tuple[BaseException, str]] = {}
+    first = 0  # index of values[0] in the job
+    count = len(args)
+    for index in range(count):
+        mark[0] = index
+        arg = args[index]
+        try:
+            if kwargs:
+                value = fn(*arg, **kwargs) if star else fn(arg, **kwargs)
+            else:
+                value = fn(*arg) if star else fn(arg)
+        except BaseException as exc:
+            value = None
+            errors[index - first] = pack_error(exc)
+        values.append(value)
+        now = clock()
+        if now - last >= FLUSH_SECONDS and index + 1 < count:
+            _send_results(send, job_id, first, values, errors, False, now - started)
+            first = index + 1
+            values = []
+            errors = {}
+            last = now
+    mark[0] = count
+    _send_results(send, job_id, first, values, errors, True, clock() - started)
+
+
+def _send_results(
+    send: Callable[[bytes], None],
+    job_id: int,
+    first: int,
+    values: list[Any],
+    errors: dict[int, tuple[BaseException, str]],
+    finished: bool,
+    elapsed: float,
+) -> None:
+    try:
+        data = _wire.dumps((RESULTS, job_id, first, values, errors, finished, elapsed))
+    except BaseException:
+        # Find the results that cannot travel and fail their calls instead.
+        from .._errors import PicklingFailed
+
+        for index, value in enumerate(values):
+            if index in errors:
+                continue
+            try:
+                _wire.dumps(value)
+            except BaseException as problem:
+                values[index] = None
+                failure = PicklingFailed(
+                    f"the call's result {type(value).__qualname__} cannot be pickled back "
+                    f"to the pool: {type(problem).__name__}: {problem}"
+                )
+                errors[index] = (failure, "")
+        data = _wire.dumps((RESULTS, job_id, first, values, errors, finished, elapsed))
+    send(data)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("this module is started by conveyor's process backend")
