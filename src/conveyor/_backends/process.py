@@ -301,12 +301,14 @@ class ProcessBackend(Backend):
         dead: list[_Proc] = []
         for handle in ready:
             if handle == self._wake_r:
-                self._wake_sent = False
+                # Empty the pipe first, then accept new wakeups: the other order could
+                # swallow a wakeup whose batch arrives after the next _assign().
                 try:
                     while os.read(self._wake_r, 4096):
                         pass
                 except (BlockingIOError, OSError):
                     pass
+                self._wake_sent = False
                 continue
             proc = by_handle[handle]
             if handle is proc.conn:
