@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import queue
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._backends._base import Batch
 
@@ -26,21 +27,68 @@ MAX_BATCH = 4096
 DEFAULT_WINDOW_ITEMS = 65536
 
 
-class MapIterator(Iterator[R], Generic[R]):
-    """Results of one ``map`` call; see ``Pool.map`` for the behaviour."""
+def map_results(
+    pool: Pool,
+    fn: Callable[..., R],
+    inputs: Iterator[Any],
+    *,
+    star: bool,
+    ordered: bool,
+    timeout: float | None,
+    chunksize: int | None,
+    buffersize: int | None,
+    eager: bool = False,
+) -> Iterator[R]:
+    """Start a map and return the iterator of its results (see ``Pool.map``).
+
+    Work starts at once. The iterator is a generator, so a batch's results are handed out at
+    C speed; closing it, or losing it to the garbage collector, cancels what it queued.
+    """
+    state = _MapState(pool, fn, inputs, star, ordered, timeout, chunksize, buffersize, eager)
+    results = _results(state)
+    if not eager:
+        # A generator that never started runs no ``finally`` when collected; this does. An
+        # eager map keeps the stdlib's behaviour: what it submitted runs anyway.
+        weakref.finalize(results, state.close)
+    return results
+
+
+def _results(state: _MapState) -> Iterator[Any]:
+    try:
+        while True:
+            batch = state.next_batch()
+            if batch is None:
+                break
+            errors = batch.errors
+            if errors is None:
+                yield from batch.values
+                continue
+            for index, value in enumerate(batch.values):
+                if index in errors:
+                    raise errors[index]
+                yield value
+        error = state.input_error
+        if error is not None:
+            state.input_error = None
+            raise error
+    finally:
+        state.close()
+
+
+class _MapState:
+    """The window of one map: what is queued, what is done, what comes next."""
 
     def __init__(
         self,
         pool: Pool,
-        fn: Callable[..., R],
+        fn: Callable[..., Any],
         inputs: Iterator[Any],
-        *,
         star: bool,
         ordered: bool,
         timeout: float | None,
         chunksize: int | None,
         buffersize: int | None,
-        eager: bool = False,
+        eager: bool,
     ) -> None:
         self._pool = pool
         self._fn = fn
@@ -68,71 +116,26 @@ class MapIterator(Iterator[R], Generic[R]):
         self._next_seq = 0
         self._head = 0
         self._exhausted = False
-        self._input_error: BaseException | None = None
-        self._values: list[Any] = []
-        self._errors: dict[int, BaseException] | None = None
-        self._pos = 0
+        self.input_error: BaseException | None = None
         self._closed = False
         self._fill()
 
-    def __iter__(self) -> MapIterator[R]:
-        return self
-
-    def __next__(self) -> R:
-        pos = self._pos
-        if pos < len(self._values):
-            self._pos = pos + 1
-            if self._errors is not None and pos in self._errors:
-                self._raise(self._errors[pos])
-            value: R = self._values[pos]
-            return value
-        return self._advance()
-
     def close(self) -> None:
-        """Stop: cancel the calls this map queued that have not started. Idempotent."""
+        """Cancel the calls this map queued that have not started. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._exhausted = True
-        self._values = []
-        self._errors = None
-        self._pos = 0
         pending = list(self._inflight.values())
         self._inflight.clear()
         self._ready.clear()
         self._pool._cancel_batches(pending, drained=False)
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
-
-    # -- internals ------------------------------------------------------------------------
-
-    def _raise(self, error: BaseException) -> R:
-        self.close()
-        raise error
-
-    def _advance(self) -> R:
-        if self._closed:
-            raise StopIteration
-        self._fill()
-        batch = self._next_batch()
-        if batch is None:
-            error = self._input_error
-            self.close()
-            if error is not None:
-                self._input_error = None
-                raise error
-            raise StopIteration
-        self._values = batch.values
-        self._errors = batch.errors
-        self._pos = 0
-        return self.__next__()
-
-    def _next_batch(self) -> Batch | None:
+    def next_batch(self) -> Batch | None:
         """The next batch to yield from, waiting for it; None when nothing is left."""
+        if self._closed:
+            return None
+        self._fill()
         if self._ordered:
             batch = self._ready.pop(self._head, None)
             while batch is None:
@@ -193,7 +196,7 @@ class MapIterator(Iterator[R], Generic[R]):
             except BaseException as exc:
                 # Raised once the results before it are yielded, as a loop over the input
                 # would have raised it.
-                self._input_error = exc
+                self.input_error = exc
                 self._exhausted = True
                 return
             if not args:

@@ -8,25 +8,18 @@ reports their outcomes through ``Batch.begin``/``Batch.finish``, which land in `
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from ._backends import lookup
 from ._backends._base import Backend, Batch, NotRun
 from ._errors import InitializerFailed, PoolFull, TaskTimeout
-from ._map import MapIterator
-
-if sys.version_info >= (3, 10):
-    from typing import ParamSpec
-else:  # pragma: no cover
-    from typing_extensions import ParamSpec
+from ._map import map_results
 
 __all__ = ["AsyncResult", "Pool", "PoolStatistics"]
 
@@ -190,7 +183,15 @@ class Pool(Executor):
         retry_on: the exception classes that trigger a retry.
         initializer, initargs: run ``initializer(*initargs)`` in every worker when it starts.
             If it raises, the pool is broken: calls fail with ``InitializerFailed``.
-        thread_name_prefix: names of the threads of the thread backend.
+        thread_name_prefix: (thread backend) names of its threads.
+        mp_context: (process backend) a ``multiprocessing`` context choosing the start
+            method; by default ``forkserver`` where available, else ``spawn``.
+        max_tasks_per_worker: (process backend) replace a worker after this many calls.
+
+    Behaviour on faults (process backend): a worker that dies fails only the call it was
+    running, with ``WorkerCrashed``; the pool replaces it and goes on. Calls of the same
+    batch that it had not started run on another worker, and so do finished calls whose
+    results it had not yet sent (results are sent at least every millisecond).
 
     Example:
         >>> import conveyor
@@ -215,6 +216,13 @@ class Pool(Executor):
         **options: Any,
     ) -> None:
         backend_cls = lookup(backend)
+        for option in options:
+            if option not in backend_cls.options:
+                takes = ", ".join(sorted(backend_cls.options)) or "none"
+                raise TypeError(
+                    f"Pool() got an unexpected keyword argument {option!r} for backend "
+                    f"{backend_cls.name!r} (its own options: {takes})"
+                )
         _check_count("workers", workers, 1)
         _check_count("max_pending", max_pending, 1)
         _check_timeout("timeout", timeout)
@@ -355,9 +363,9 @@ class Pool(Executor):
             inputs: Iterator[Any] = iter(iterables[0])
             star = False
         else:
-            inputs = zip(*iterables)
+            inputs = zip(*iterables)  # noqa: B905 - the stdlib's map stops at the shortest
             star = True
-        return MapIterator(
+        return map_results(
             self,
             fn,
             inputs,
@@ -388,7 +396,7 @@ class Pool(Executor):
         _check_callable(fn)
         _check_count("chunksize", chunksize, 1)
         _check_count("buffersize", buffersize, 1)
-        return MapIterator(
+        return map_results(
             self,
             fn,
             iter(iterable),
@@ -418,7 +426,7 @@ class Pool(Executor):
         _check_callable(fn)
         _check_count("chunksize", chunksize, 1)
         _check_count("buffersize", buffersize, 1)
-        return MapIterator(
+        return map_results(
             self,
             fn,
             iter(iterable),
@@ -447,7 +455,7 @@ class Pool(Executor):
         _check_count("chunksize", chunksize, 1)
         inputs = (tuple(args) for args in iterable)
         return list(
-            MapIterator(
+            map_results(
                 self,
                 fn,
                 inputs,

@@ -122,8 +122,19 @@ class Backend(abc.ABC):
     #: How long one batch should run: long enough to hide the per-batch cost, short enough to
     #: balance load. The batch sizer aims at it from measured call durations.
     batch_seconds: ClassVar[float]
+    #: The keyword arguments of ``Pool`` that only this backend takes.
+    options: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, workers: int, on_broken: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        workers: int,
+        on_broken: Callable[[BaseException], None],
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        **options: Any,
+    ) -> None:
+        """``on_broken(error)``: the initializer raised in a worker; nothing will run."""
         self.workers = workers
         self._on_broken = on_broken
 

@@ -49,7 +49,8 @@ def dumps_function(fn: Any) -> bytes:
             return _INBAND + pickle.dumps(fn, protocol=5)
         except Exception:
             pass
-    return _INBAND + cloudpickle.dumps(fn, protocol=5)
+    by_value: bytes = cloudpickle.dumps(fn, protocol=5)
+    return _INBAND + by_value
 
 
 def dumps(obj: Any) -> bytes:

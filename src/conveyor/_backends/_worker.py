@@ -15,6 +15,7 @@ dies: a thread watches ``lifeline``, a pipe whose other end only the pool holds.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -27,14 +28,14 @@ from typing import Any
 
 from . import _wire
 
-# Messages, pool -> worker.
-RUN = 0  # (RUN, job_id, fn_id, fn_blob | None, star, kwargs_blob | None, args_blob)
-STOP = 1  # (STOP,)
-FORGET = 2  # (FORGET,): drop cached functions
-# Messages, worker -> pool.
+# Messages, pool -> worker: one byte of kind, then the pickle. Jobs run in arrival order.
+RUN = 0  # RUN + (fn_id, fn_blob | None, star, kwargs | None, args)
+STOP = 1  # STOP
+FORGET = 2  # FORGET: drop cached functions
+# Messages, worker -> pool; each is about the oldest job not finished yet.
 READY = 10  # (READY, pid)
-RESULTS = 11  # (RESULTS, job_id, start, values, errors, finished, elapsed)
-UNREADABLE = 12  # (UNREADABLE, job_id, error): the job's arguments could not be unpickled
+RESULTS = 11  # (RESULTS, first, values, errors, finished, elapsed)
+UNREADABLE = 12  # (UNREADABLE, error): the job could not be unpickled
 INIT_FAILED = 13  # (INIT_FAILED, error)
 
 FLUSH_SECONDS = 0.001
@@ -101,6 +102,7 @@ def main(
         except OSError:
             pass
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+    mark = memoryview(mark).cast("B").cast("q")  # faster to write than the ctypes array
     send = conn.send_bytes
     if init_blob is not None:
         try:
@@ -116,10 +118,9 @@ def main(
             data = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        message = _wire.loads(data)
-        kind = message[0]
+        kind = data[0]  # the pool puts the kind of message in front of its pickle
         if kind == RUN:
-            _run(message, functions, mark, send)
+            _run(memoryview(data)[1:], functions, mark, send)
         elif kind == FORGET:
             functions.clear()
         else:
@@ -127,54 +128,64 @@ def main(
 
 
 def _run(
-    message: tuple[Any, ...],
+    data: memoryview,
     functions: dict[int, Callable[..., Any]],
     mark: Any,
     send: Callable[[bytes], None],
 ) -> None:
-    _, job_id, fn_id, fn_blob, star, kwargs_blob, args_blob = message
-    mark[0] = -1
+    # mark = [job ordinal, call index]; -1 while the job is being unpickled.
+    mark[1] = -1
+    mark[0] += 1
     try:
+        fn_id, fn_blob, star, kwargs, args = _wire.loads(data)
         if fn_blob is not None:
             functions[fn_id] = _wire.loads(fn_blob)
         fn = functions[fn_id]
-        kwargs = _wire.loads(kwargs_blob) if kwargs_blob is not None else None
-        args = _wire.loads(args_blob)
     except BaseException as exc:
-        send(_wire.dumps((UNREADABLE, job_id, pack_error(exc))))
+        send(_wire.dumps((UNREADABLE, pack_error(exc))))
         return
+    if kwargs:
+        fn = functools.partial(fn, **kwargs)
+    call = _unpacking(fn) if star else fn
     clock = time.perf_counter
     started = last = clock()
     values: list[Any] = []
+    append = values.append
     errors: dict[int, tuple[BaseException, str]] = {}
-    first = 0  # index of values[0] in the job
+    first = 0  # job index of values[0]
     count = len(args)
-    for index in range(count):
-        mark[0] = index
-        arg = args[index]
+    # Reading the clock after every call would cost as much as a trivial call: with many
+    # calls (so each is fast) look at it every 64 calls only.
+    every = 0 if count <= 64 else 63
+    for index, arg in enumerate(args):
+        mark[1] = index
         try:
-            if kwargs:
-                value = fn(*arg, **kwargs) if star else fn(arg, **kwargs)
-            else:
-                value = fn(*arg) if star else fn(arg)
+            append(call(arg))
         except BaseException as exc:
-            value = None
+            append(None)
             errors[index - first] = pack_error(exc)
-        values.append(value)
-        now = clock()
-        if now - last >= FLUSH_SECONDS and index + 1 < count:
-            _send_results(send, job_id, first, values, errors, False, now - started)
-            first = index + 1
-            values = []
-            errors = {}
-            last = now
-    mark[0] = count
-    _send_results(send, job_id, first, values, errors, True, clock() - started)
+        if index & every == 0:
+            now = clock()
+            if now - last >= FLUSH_SECONDS and index + 1 < count:
+                _send_results(send, first, values, errors, False, now - started)
+                first = index + 1
+                values = []
+                append = values.append
+                errors = {}
+                last = now
+    mark[1] = count
+    _send_results(send, first, values, errors, True, clock() - started)
+
+
+def _unpacking(fn: Callable[..., Any]) -> Callable[[tuple[Any, ...]], Any]:
+    def call(arg: tuple[Any, ...]) -> Any:
+        return fn(*arg)
+
+    return call
 
 
 def _send_results(
     send: Callable[[bytes], None],
-    job_id: int,
     first: int,
     values: list[Any],
     errors: dict[int, tuple[BaseException, str]],
@@ -182,7 +193,7 @@ def _send_results(
     elapsed: float,
 ) -> None:
     try:
-        data = _wire.dumps((RESULTS, job_id, first, values, errors, finished, elapsed))
+        data = _wire.dumps((RESULTS, first, values, errors, finished, elapsed))
     except BaseException:
         # Find the results that cannot travel and fail their calls instead.
         from .._errors import PicklingFailed
@@ -199,7 +210,7 @@ def _send_results(
                     f"to the pool: {type(problem).__name__}: {problem}"
                 )
                 errors[index] = (failure, "")
-        data = _wire.dumps((RESULTS, job_id, first, values, errors, finished, elapsed))
+        data = _wire.dumps((RESULTS, first, values, errors, finished, elapsed))
     send(data)
 
 

@@ -35,12 +35,13 @@ import collections
 import itertools
 import multiprocessing
 import os
+import select
 import signal
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -57,6 +58,10 @@ KILL_GRACE = 0.5
 STOP_GRACE = 5.0
 #: Functions cached per pool (and per worker) before the caches are reset.
 FUNCTION_CACHE = 256
+
+_RUN = bytes([_worker.RUN])
+_STOP = bytes([_worker.STOP])
+_FORGET = bytes([_worker.FORGET])
 
 _live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
 
@@ -108,30 +113,44 @@ class _Run:
 class _Job:
     """Some calls of one batch, sent to one worker as one message."""
 
-    __slots__ = ("deadline", "files", "id", "indexes", "received", "run")
+    __slots__ = ("deadline", "files", "indexes", "ordinal", "received", "run")
 
-    def __init__(self, run: _Run, indexes: list[int]) -> None:
+    def __init__(self, run: _Run, indexes: range | list[int]) -> None:
         self.run = run
-        self.indexes = indexes  # batch positions of this job's calls, in order
+        # Batch positions of this job's calls, in order: a range while they are contiguous,
+        # so that results land in the batch with one slice assignment.
+        self.indexes = indexes
         self.received = 0  # how many of them have an outcome
         self.deadline: float | None = None
         self.files: list[str] = []  # shared-memory files of the sent message
-        self.id = 0
+        self.ordinal = 0  # this job's number among those sent to its worker
         run.open_jobs += 1
 
 
 class _Proc:
     """A worker process, as the dispatcher sees it."""
 
-    __slots__ = ("conn", "done", "job", "kill_at", "known", "leaving", "mark", "process")
+    __slots__ = (
+        "conn",
+        "done",
+        "jobs",
+        "kill_at",
+        "known",
+        "leaving",
+        "mark",
+        "process",
+        "sent",
+    )
 
     def __init__(self, process: BaseProcess, conn: Connection, mark: Any) -> None:
         self.process = process
         self.conn = conn
+        # Shared with the worker: [ordinal of the job it is in, index of the call it is in].
         self.mark = mark
-        self.job: _Job | None = None
+        self.jobs: collections.deque[_Job] = collections.deque()  # sent; the first runs
+        self.sent = 0  # jobs sent so far
         self.known: set[int] = set()  # function ids this worker has cached
-        self.done = 0  # calls run, for max_tasks_per_worker
+        self.done = 0  # calls sent, for max_tasks_per_worker
         self.leaving = False  # told to stop, or being killed: its exit is no crash
         self.kill_at: float | None = None  # SIGKILL deadline after a SIGTERM
 
@@ -141,6 +160,7 @@ class ProcessBackend(Backend):
     can_kill = True
     needs_pickle = True
     batch_seconds = 0.005
+    options = frozenset({"mp_context", "max_tasks_per_worker"})
 
     def __init__(
         self,
@@ -194,10 +214,11 @@ class ProcessBackend(Backend):
             collections.OrderedDict()
         )
         self._fn_ids = itertools.count()
-        self._job_ids = itertools.count()
         self._broken = False
         self._lifeline_r: Connection | None = None
         self._lifeline_w: Connection | None = None
+        self._poller: Any = None  # select.poll over the wakeup pipe, pipes and sentinels
+        self._by_fd: dict[int, _Proc] = {}
         self._names = itertools.count()
         _live.add(self)
 
@@ -238,7 +259,7 @@ class ProcessBackend(Backend):
         _live.discard(self)
 
     def busy(self) -> int:
-        return sum(1 for proc in list(self._procs) if proc.job is not None)
+        return sum(1 for proc in list(self._procs) if proc.jobs)
 
     def live_workers(self) -> int:
         return sum(1 for proc in list(self._procs) if not proc.leaving)
@@ -275,6 +296,8 @@ class ProcessBackend(Backend):
     def _dispatch(self) -> None:
         try:
             self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
+            self._poller = select.poll()
+            self._poller.register(self._wake_r, select.POLLIN)
             for _ in range(self.workers):
                 self._spawn()
             while not self._serve_once():
@@ -287,20 +310,15 @@ class ProcessBackend(Backend):
         self._assign()
         if self._stopping and self._quiet():
             return True
-        now = time.monotonic()
         nearest = self._nearest_deadline()
-        timeout = None if nearest is None else max(0.0, nearest - now)
-        handles: list[Any] = [self._wake_r]
-        by_handle: dict[Any, _Proc] = {}
-        for proc in self._procs:
-            handles.append(proc.conn)
-            handles.append(proc.process.sentinel)
-            by_handle[proc.conn] = proc
-            by_handle[proc.process.sentinel] = proc
-        ready = wait(handles, timeout)
+        if nearest is None:
+            events = self._poller.poll()
+        else:
+            # poll() takes milliseconds; round up so that we never wake just before.
+            events = self._poller.poll(max(0.0, (nearest - time.monotonic()) * 1000.0) + 1)
         dead: list[_Proc] = []
-        for handle in ready:
-            if handle == self._wake_r:
+        for fd, _ in events:
+            if fd == self._wake_r:
                 # Empty the pipe first, then accept new wakeups: the other order could
                 # swallow a wakeup whose batch arrives after the next _assign().
                 try:
@@ -310,11 +328,10 @@ class ProcessBackend(Backend):
                     pass
                 self._wake_sent = False
                 continue
-            proc = by_handle[handle]
-            if handle is proc.conn:
-                if not self._receive(proc):
-                    dead.append(proc)
-            elif proc not in dead:
+            proc = self._by_fd.get(fd)
+            if proc is None or proc in dead:
+                continue
+            if fd == proc.process.sentinel or not self._receive(proc):
                 dead.append(proc)
         for proc in dead:
             self._bury(proc)
@@ -325,12 +342,13 @@ class ProcessBackend(Backend):
 
     def _quiet(self) -> bool:
         """No work queued or running."""
-        return not self._inbox and not self._jobs and all(p.job is None for p in self._procs)
+        return not self._inbox and not self._jobs and not any(p.jobs for p in self._procs)
 
     def _nearest_deadline(self) -> float | None:
         nearest: float | None = None
         for proc in self._procs:
-            for moment in (proc.job.deadline if proc.job else None, proc.kill_at):
+            head = proc.jobs[0].deadline if proc.jobs else None
+            for moment in (head, proc.kill_at):
                 if moment is not None and (nearest is None or moment < nearest):
                     nearest = moment
         return nearest
@@ -339,15 +357,15 @@ class ProcessBackend(Backend):
         if self._broken or self._stopping:
             return
         parent_end, child_end = self._context.Pipe(duplex=True)
-        mark = self._context.RawArray("q", 1)
-        mark[0] = -1
+        mark = self._context.RawArray("q", 2)
         assert self._lifeline_r is not None and self._lifeline_w is not None
         close_fds: tuple[int, ...] = ()
         if self._context.get_start_method() == "fork":
             # A forked child inherits our ends of every pipe; it must not keep the lifeline
             # open, or the lifeline could not tell it that we died.
             close_fds = (self._lifeline_w.fileno(), self._wake_r, self._wake_w)
-        process = self._context.Process(
+        context: Any = self._context  # typeshed's BaseContext lacks Process
+        process = context.Process(
             target=_worker.main,
             args=(child_end, self._lifeline_r, mark, self._init_blob, close_fds),
             name=f"conveyor-worker-{next(self._names)}",
@@ -355,17 +373,29 @@ class ProcessBackend(Backend):
         )
         process.start()
         child_end.close()
-        self._procs.append(_Proc(process, parent_end, mark))
+        proc = _Proc(process, parent_end, mark)
+        self._procs.append(proc)
+        for fd in (parent_end.fileno(), process.sentinel):
+            self._by_fd[fd] = proc
+            self._poller.register(fd, select.POLLIN)
 
     def _assign(self) -> None:
-        """Give work to every idle worker."""
+        """Keep every worker busy: one job running and, without deadlines, one more queued
+        in its pipe so that it never waits for us between jobs."""
         for proc in self._procs:
-            if proc.job is not None or proc.leaving:
-                continue
-            job = self._next_job()
-            if job is None:
-                return
-            self._send(proc, job)
+            while not proc.leaving and len(proc.jobs) < 2 and self._has_room(proc):
+                if proc.jobs and proc.jobs[0].run.batch.timeout is not None:
+                    break
+                job = self._next_job()
+                if job is None:
+                    return
+                if proc.jobs and job.run.batch.timeout is not None:
+                    self._jobs.appendleft(job)  # a watched call starts on an idle worker
+                    break
+                self._send(proc, job)
+
+    def _has_room(self, proc: _Proc) -> bool:
+        return self._max_tasks is None or proc.done < self._max_tasks
 
     def _next_job(self) -> _Job | None:
         if self._jobs:
@@ -376,7 +406,7 @@ class ProcessBackend(Backend):
             except IndexError:
                 return None
             if batch.begin():
-                return _Job(_Run(batch), list(range(len(batch))))
+                return _Job(_Run(batch), range(len(batch)))
         return None
 
     def _function_blob(self, proc: _Proc, fn: Any) -> tuple[int, bytes | None]:
@@ -393,7 +423,7 @@ class ProcessBackend(Backend):
         if fn_id in proc.known:
             return fn_id, None
         if len(proc.known) >= FUNCTION_CACHE:
-            proc.conn.send_bytes(_wire.dumps((_worker.FORGET,)))
+            proc.conn.send_bytes(_FORGET)
             proc.known.clear()
         proc.known.add(fn_id)
         return fn_id, entry[2]
@@ -403,37 +433,35 @@ class ProcessBackend(Backend):
         if self._max_tasks is not None:
             room = self._max_tasks - proc.done
             if len(job.indexes) > room:
-                rest = _Job(job.run, job.indexes[room:])
+                self._jobs.appendleft(_Job(job.run, job.indexes[room:]))
                 job.indexes = job.indexes[:room]
-                self._jobs.appendleft(rest)
         try:
             fn_id, fn_blob = self._function_blob(proc, batch.fn)
         except Exception as exc:
-            self._fail_job(job, lambda: _pickling_failed("function", exc))
+            problem = exc
+            self._fail_job(job, lambda: _pickling_failed("function", problem))
             return
-        args = (
-            batch.args
-            if len(job.indexes) == len(batch)
-            else [batch.args[i] for i in job.indexes]
-        )
+        indexes = job.indexes
+        if isinstance(indexes, range) and len(indexes) == len(batch):
+            args = batch.args
+        else:
+            args = [batch.args[i] for i in indexes]
         try:
-            kwargs_blob = None if not batch.kwargs else _wire.dumps(batch.kwargs)
-            args_blob = _wire.dumps(args)
+            payload = _wire.dumps((fn_id, fn_blob, batch.star, batch.kwargs, args))
         except Exception:
-            self._split_unpicklable(job)
             if fn_blob is not None:
                 proc.known.discard(fn_id)
+            self._split_unpicklable(job)
             return
-        job.id = next(self._job_ids)
-        message = _wire.dumps(
-            (_worker.RUN, job.id, fn_id, fn_blob, batch.star, kwargs_blob, args_blob)
-        )
-        job.files = _wire.files_of(args_blob)
-        if batch.timeout is not None:
+        job.files = _wire.files_of(payload)
+        proc.sent += 1
+        job.ordinal = proc.sent
+        proc.done += len(indexes)
+        if batch.timeout is not None and not proc.jobs:
             job.deadline = time.monotonic() + batch.timeout
-        proc.job = job
+        proc.jobs.append(job)
         try:
-            proc.conn.send_bytes(message)
+            proc.conn.send_bytes(_RUN + payload)
         except OSError:
             pass  # the worker is dead; its sentinel reports it and the job runs elsewhere
 
@@ -477,39 +505,40 @@ class ProcessBackend(Backend):
     def _handle(self, proc: _Proc, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == _worker.RESULTS:
-            _, job_id, first, values, errors, finished, elapsed = message
-            job = proc.job
-            if job is None or job.id != job_id:
-                return  # a job abandoned at its deadline
+            _, first, values, errors, finished, elapsed = message
+            if not proc.jobs:
+                return  # the job was given up at its deadline
+            job = proc.jobs[0]
             batch = job.run.batch
-            indexes = job.indexes
-            for offset, value in enumerate(values):
-                batch.values[indexes[first + offset]] = value
+            placed = job.indexes[first : first + len(values)]
+            if isinstance(placed, range):
+                batch.values[placed.start : placed.stop] = values
+            else:
+                for place, value in zip(placed, values, strict=True):
+                    batch.values[place] = value
             for offset, packed in errors.items():
-                batch.fail(indexes[first + offset], _worker.unpack_error(packed))
+                batch.fail(placed[offset], _worker.unpack_error(packed))
             job.received = first + len(values)
             batch.elapsed += elapsed
             if finished:
-                proc.job = None
-                proc.done += len(indexes)
+                proc.jobs.popleft()
                 self._close_job(job)
-                if self._max_tasks is not None and proc.done >= self._max_tasks:
+                if proc.jobs and proc.jobs[0].run.batch.timeout is not None:
+                    proc.jobs[0].deadline = time.monotonic() + proc.jobs[0].run.batch.timeout
+                if self._max_tasks is not None and proc.done >= self._max_tasks and not proc.jobs:
                     self._retire(proc)
         elif kind == _worker.UNREADABLE:
-            _, job_id, packed = message
-            job = proc.job
-            if job is None or job.id != job_id:
-                return
-            proc.job = None
-            self._unreadable_job(job, _worker.unpack_error(packed))
+            # The worker may have lost a function it was sent with that job: send again.
+            proc.known.clear()
+            if proc.jobs:
+                self._unreadable_job(proc.jobs.popleft(), _worker.unpack_error(message[1]))
         elif kind == _worker.INIT_FAILED:
             error = _worker.unpack_error(message[1])
             self._broken = True
             proc.leaving = True
             self._on_broken(error)
-            job, proc.job = proc.job, None
-            if job is not None:
-                self._fail_job(job, NotRun)
+            while proc.jobs:
+                self._fail_job(proc.jobs.popleft(), NotRun)
         # READY needs no action: jobs are sent before it arrives and wait in the pipe.
 
     def _unreadable_job(self, job: _Job, error: BaseException) -> None:
@@ -532,9 +561,12 @@ class ProcessBackend(Backend):
 
     def _unreadable_results(self, proc: _Proc, error: BaseException) -> None:
         """We could not unpickle what the worker sent: its job's open calls fail."""
-        job, proc.job = proc.job, None
-        if job is None:
+        if not proc.jobs:
             return
+        job = proc.jobs.popleft()
+        for later in reversed(proc.jobs):
+            self._requeue(later)
+        proc.jobs.clear()
 
         def failure() -> BaseException:
             problem = UnpicklingFailed(
@@ -570,21 +602,44 @@ class ProcessBackend(Backend):
             self._signal(proc, signal.SIGKILL)
         else:
             try:
-                proc.conn.send_bytes(_wire.dumps((_worker.STOP,)))
+                proc.conn.send_bytes(_STOP)
             except OSError:
                 pass
         self._spawn()
 
+    def _requeue(self, job: _Job) -> None:
+        """Run the open calls of ``job`` elsewhere, ahead of new work."""
+        rest = job.indexes[job.received :]
+        if rest:
+            self._jobs.appendleft(_Job(job.run, rest))
+        self._close_job(job)
+
     def _bury(self, proc: _Proc) -> None:
-        """``proc`` has exited: account for its job and replace it."""
+        """``proc`` has exited: account for its jobs and replace it."""
+        # Outcomes it sent before dying are still in the pipe.
+        try:
+            while proc.jobs and proc.conn.poll():
+                if not self._receive(proc):
+                    break
+        except (EOFError, OSError):
+            pass
         proc.process.join(timeout=STOP_GRACE)
         code = proc.process.exitcode
         self._procs.remove(proc)
+        for fd in (proc.conn.fileno(), proc.process.sentinel):
+            self._by_fd.pop(fd, None)
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, ValueError):
+                pass
         proc.conn.close()
         _wire.forget_files_of(proc.process.pid or 0)
-        job, proc.job = proc.job, None
-        if job is not None:
-            self._crashed(job, proc, code)
+        if proc.jobs:
+            head = proc.jobs.popleft()
+            for later in reversed(proc.jobs):  # never started
+                self._requeue(later)
+            proc.jobs.clear()
+            self._crashed(head, proc, code)
         if not proc.leaving:
             self._spawn()
         try:
@@ -598,11 +653,15 @@ class ProcessBackend(Backend):
         if self._killing or self._broken:
             self._fail_job(job, NotRun)
             return
-        where = int(proc.mark[0])
+        ordinal, where = int(proc.mark[0]), int(proc.mark[1])
+        if ordinal != job.ordinal:
+            self._requeue(job)  # it died before it began this job: nothing to blame
+            return
         open_indexes = job.indexes[job.received :]
         position = where - job.received  # within open_indexes
-        if where < 0 or not 0 <= position < len(open_indexes):
-            # It died while unpickling the job, or between calls: the culprit is unknown.
+        if not 0 <= position < len(open_indexes):
+            # It died while unpickling the job, or after its last call: the culprit is
+            # unknown. A lone call is it; else each call runs alone to find it.
             if len(open_indexes) == 1:
                 position = 0
             else:
@@ -610,16 +669,13 @@ class ProcessBackend(Backend):
                     self._jobs.appendleft(_Job(job.run, [index]))
                 self._close_job(job)
                 return
-        blamed = open_indexes[position]
-        attempts = 1
         error = WorkerCrashed(
             f"the worker process (pid {proc.process.pid}) running this call died "
             f"{_describe_exit(code)}",
             exitcode=code,
-            attempts=attempts,
         )
-        batch.fail(blamed, error)
-        rest = open_indexes[:position] + open_indexes[position + 1 :]
+        batch.fail(open_indexes[position], error)
+        rest = list(open_indexes[:position]) + list(open_indexes[position + 1 :])
         if rest:
             self._jobs.appendleft(_Job(job.run, rest))
         self._close_job(job)
@@ -630,12 +686,17 @@ class ProcessBackend(Backend):
             if proc.kill_at is not None and now >= proc.kill_at:
                 proc.kill_at = None
                 self._signal(proc, signal.SIGKILL)
-            job = proc.job
-            if job is None or job.deadline is None or now < job.deadline:
+            if not proc.jobs:
+                continue
+            job = proc.jobs[0]
+            if job.deadline is None or now < job.deadline:
                 continue
             batch = job.run.batch
             assert batch.timeout is not None
-            proc.job = None
+            proc.jobs.popleft()
+            for later in reversed(proc.jobs):
+                self._requeue(later)
+            proc.jobs.clear()
             proc.leaving = True
             proc.kill_at = now + KILL_GRACE
             self._signal(proc, signal.SIGTERM)
@@ -674,13 +735,12 @@ class ProcessBackend(Backend):
             self._fail_job(job, NotRun)
         self._jobs.clear()
         for proc in self._procs:
-            if proc.job is not None:
-                job, proc.job = proc.job, None
-                self._fail_job(job, NotRun)
+            while proc.jobs:
+                self._fail_job(proc.jobs.popleft(), NotRun)
             if not proc.leaving:
                 proc.leaving = True
                 try:
-                    proc.conn.send_bytes(_wire.dumps((_worker.STOP,)))
+                    proc.conn.send_bytes(_STOP)
                 except OSError:
                     pass
         deadline = time.monotonic() + STOP_GRACE

@@ -65,6 +65,7 @@ class ThreadBackend(Backend):
     can_kill = False
     needs_pickle = False
     batch_seconds = 0.002
+    options = frozenset({"thread_name_prefix"})
 
     def __init__(
         self,
