@@ -17,6 +17,7 @@ A message is one of::
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import mmap
 import os
@@ -71,7 +72,9 @@ def dumps(obj: Any) -> bytes:
         return False
 
     try:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+        stream = io.BytesIO()
+        _Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(obj)
+        data = stream.getvalue()
     except Exception:
         big.clear()
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
@@ -85,6 +88,51 @@ def dumps(obj: Any) -> bytes:
         forget_files(name for name, _ in files)
         return _INBAND + pickle.dumps(obj, protocol=5)
     return _OUTBAND + pickle.dumps((files, data), protocol=5)
+
+
+class _Pickler(pickle.Pickler):
+    """pickle, plus ``memoryview``s (rebuilt as memoryviews: over shared memory when big)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is memoryview:
+            return memoryview, (pickle.PickleBuffer(obj),)
+        return NotImplemented
+
+
+class _BigBytes:
+    """Stands for a large ``bytes`` object so that it travels out of band.
+
+    pickle writes ``bytes`` in band whatever their size (and never asks ``reducer_override``
+    about them); wrapped, they are sent as a buffer and rebuilt as ``bytes`` on arrival.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _wrap(item: Any) -> Any:
+    if type(item) is bytes and len(item) >= BIG:
+        return _BigBytes(item)
+    if type(item) is tuple and any(type(x) is bytes and len(x) >= BIG for x in item):
+        return tuple(_wrap(x) for x in item)
+    return item
+
+
+def wrap_big_bytes(items: list[Any]) -> list[Any]:
+    """``items`` with every large ``bytes`` (alone or in a tuple) marked to go out of band.
+
+    Only short lists are looked at: large data comes in few items, and a long list of small
+    items should not pay for the look.
+    """
+    if not _HAS_SHM or len(items) > 64:
+        return items
+    wrapped = [_wrap(item) for item in items]
+    return wrapped if any(a is not b for a, b in zip(wrapped, items, strict=True)) else items
 
 
 def loads(message: bytes | bytearray | memoryview) -> Any:

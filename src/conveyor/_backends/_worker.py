@@ -193,7 +193,9 @@ def _send_results(
     elapsed: float,
 ) -> None:
     try:
-        data = _wire.dumps((RESULTS, first, values, errors, finished, elapsed))
+        data = _wire.dumps(
+            (RESULTS, first, _wire.wrap_big_bytes(values), errors, finished, elapsed)
+        )
     except BaseException:
         # Find the results that cannot travel and fail their calls instead.
         from .._errors import PicklingFailed

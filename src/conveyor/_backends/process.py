@@ -447,6 +447,7 @@ class ProcessBackend(Backend):
         else:
             args = [batch.args[i] for i in indexes]
         try:
+            args = _wire.wrap_big_bytes(args)
             payload = _wire.dumps((fn_id, fn_blob, batch.star, batch.kwargs, args))
         except Exception:
             if fn_blob is not None:
