@@ -103,7 +103,7 @@ class _MapState:
             self._max_batches: float = float("inf")
             self._max_items: float = float("inf")
         else:
-            self._max_batches = max(4, 2 * workers)
+            self._max_batches = max(16, 4 * workers)
             self._max_items = buffersize if buffersize is not None else DEFAULT_WINDOW_ITEMS
         # Batch sizes: never so large that the window holds fewer batches than workers.
         self._size_cap = max(1, min(MAX_BATCH, int(self._max_items // max(1, workers))))

@@ -324,9 +324,11 @@ class Pool(Executor):
                 self._pending += 1
                 batch.slot = True
             self._submitted += len(batch)
+            # While a batch is active the backend is not stopped (see _stop_backend_if_idle),
+            # so the batch can be handed over outside the lock; only terminate() stops it
+            # regardless, and backends fail what they receive after that with NotRun.
             self._active += 1
-            # Under the lock, so that shutdown() cannot slip between the check and the queue.
-            self._backend.submit(batch)
+        self._backend.submit(batch)
 
     # -- mapping ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ runs each call of a batch in order, fills in the batch's outcomes and hands it b
 The contract, for every backend:
 
 * ``submit(batch)`` queues a batch and returns at once; it never runs user code in the caller.
+  A batch that arrives after ``shutdown(kill=True)`` is reported with ``batch.reject()``.
 * Before running a batch the backend calls ``batch.begin()``; when that returns False the batch
   was cancelled and must be dropped without a word.
 * Each call ends in exactly one of ``batch.values[i]`` (success) or ``batch.errors[i]``.
@@ -91,6 +92,13 @@ class Batch:
         self.outstanding = 0  # reruns of this batch not finished yet
         self.slot = False  # holds one of the pool's ``max_pending`` places
         self.state = 0
+
+    def reject(self) -> None:
+        """Report, without running it, a batch that reached a backend already stopped."""
+        if self.begin():
+            for index in range(len(self.args)):
+                self.fail(index, NotRun())
+            self.finish()
 
     def __len__(self) -> int:
         return len(self.args)

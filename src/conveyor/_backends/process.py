@@ -231,7 +231,13 @@ class ProcessBackend(Backend):
     # -- called from any thread -------------------------------------------------------------
 
     def submit(self, batch: Batch) -> None:
-        self._inbox.append(batch)
+        with self._start_lock:
+            refused = self._closed or self._killing
+            if not refused:
+                self._inbox.append(batch)
+        if refused:
+            batch.reject()
+            return
         if self._thread is None:
             self._start()
         self._wake()
@@ -337,6 +343,8 @@ class ProcessBackend(Backend):
             self._bury(proc)
         if self._killing:
             self._kill_all()
+            for batch in self.drain():
+                batch.reject()
         self._enforce_deadlines()
         return False
 
@@ -760,6 +768,9 @@ class ProcessBackend(Backend):
         with self._start_lock:
             self._closed = True
             self._close_pipes()
+            late = self.drain()
+        for batch in late:
+            batch.reject()
 
 
 def _pickling_failed(what: str, error: BaseException) -> PicklingFailed:

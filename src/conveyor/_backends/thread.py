@@ -82,9 +82,9 @@ class ThreadBackend(Backend):
         self._prefix = thread_name_prefix or f"conveyor-thread-{next(_pool_numbers)}"
         self._names = itertools.count()
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
-        # Released by a worker each time it is free again; taken by submit() to learn that
-        # an existing thread will pick the batch up, so no new thread is needed.
-        self._idle = threading.Semaphore(0)
+        # A token per free worker, put by the worker and taken by submit() to learn that an
+        # existing thread will pick the batch up, so no new thread is needed.
+        self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()
         # Guards _workers, _stopping and every worker's deadline/abandoned pair.
         self._lock = threading.Lock()
         self._workers: set[_Worker] = set()
@@ -102,9 +102,18 @@ class ThreadBackend(Backend):
     def submit(self, batch: Batch) -> None:
         # Decide about a new thread before queueing: once the batch is queued a worker may
         # wake, and it should find the GIL free rather than wait for our bookkeeping.
-        if not self._idle.acquire(blocking=False):
+        try:
+            self._idle.get_nowait()
+        except queue.Empty:
             self._spawn(replacement=False)
-        self._queue.put(batch)
+        with self._lock:
+            # Under the lock shutdown() takes: a batch is either queued before the stop
+            # sentinel, so it runs, or refused.
+            stopped = self._stopping
+            if not stopped:
+                self._queue.put(batch)
+        if stopped:
+            batch.reject()
 
     def drain(self) -> list[Batch]:
         taken: list[Batch] = []
@@ -120,13 +129,12 @@ class ThreadBackend(Backend):
 
     def shutdown(self, wait: bool, kill: bool = False) -> None:
         with self._lock:
-            first = not self._stopping
+            if not self._stopping:
+                self._queue.put(None)
             self._stopping = True
             self._deadlines.notify_all()
             workers = [w.thread for w in self._workers]
             watchdog = self._watchdog
-        if first:
-            self._queue.put(None)
         if wait:
             current = threading.current_thread()
             for thread in workers:
@@ -146,10 +154,11 @@ class ThreadBackend(Backend):
 
     # -- threads -------------------------------------------------------------------------
 
-    def _spawn(self, replacement: bool) -> None:
+    def _spawn(self, replacement: bool) -> bool:
+        """Start a worker thread; False if the pool is stopping or full."""
         with self._lock:
             if self._stopping or len(self._workers) >= self.workers:
-                return
+                return False
             worker = _Worker()
             self._workers.add(worker)
             thread = threading.Thread(
@@ -161,8 +170,14 @@ class ThreadBackend(Backend):
             worker.thread = thread
         if replacement:
             # Nothing is queued for a replacement: it is free as soon as it starts.
-            self._idle.release()
-        thread.start()
+            self._idle.put(None)
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._workers.discard(worker)
+            raise
+        return True
 
     def _work(self, worker: _Worker) -> None:
         try:
@@ -185,10 +200,10 @@ class ThreadBackend(Backend):
                     elif not self._run_watched(worker, batch):
                         return  # abandoned: the watchdog reported this batch already
                     worker.batch = None
-                    self._idle.release()
+                    self._idle.put(None)
                     batch.finish()
                 else:
-                    self._idle.release()
+                    self._idle.put(None)
                 del batch
         finally:
             with self._lock:
