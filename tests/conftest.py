@@ -17,11 +17,25 @@ faulthandler.enable(file=sys.stderr, all_threads=True)
 LEAK_GRACE = 10.0
 
 
+#: multiprocessing's own helpers live as long as the interpreter, by design: they are not
+#: workers and no pool owns them.
+_SHARED_HELPERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+
+
 def _children() -> set[int]:
     try:
-        return {p.pid for p in psutil.Process().children(recursive=True) if _alive(p)}
+        children = psutil.Process().children(recursive=True)
     except psutil.Error:  # pragma: no cover
         return set()
+    return {p.pid for p in children if _alive(p) and not _shared_helper(p)}
+
+
+def _shared_helper(process: psutil.Process) -> bool:
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return any(name in command for name in _SHARED_HELPERS)
 
 
 def _alive(process: psutil.Process) -> bool:
