@@ -55,8 +55,9 @@ def main() -> None:
         threaded_time = time.perf_counter() - start
         assert serial == threaded
         print(f"{PAGES} pages, {LATENCY * 1000:.0f} ms each")
-        print(f"  serial:             {serial_time:6.2f} s")
-        print(f"  conveyor, 32 threads: {threaded_time:6.2f} s  ({serial_time / threaded_time:.1f}x)")
+        speedup = serial_time / threaded_time
+        print(f"  serial:               {serial_time:6.2f} s")
+        print(f"  conveyor, 32 threads: {threaded_time:6.2f} s  ({speedup:.1f}x faster)")
     finally:
         server.shutdown()
         server.server_close()

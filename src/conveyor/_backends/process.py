@@ -242,7 +242,7 @@ class ProcessBackend(Backend):
 
     def submit(self, batch: Batch) -> None:
         with self._start_lock:
-            refused = self._closed or self._killing
+            refused = self._closed or self._killing or self._broken
             if not refused:
                 self._inbox.append(batch)
         if refused:
@@ -353,6 +353,7 @@ class ProcessBackend(Backend):
             self._bury(proc)
         if self._killing:
             self._kill_all()
+        if self._killing or self._broken:
             for batch in self.drain():
                 batch.reject()
         self._enforce_deadlines()
@@ -553,7 +554,8 @@ class ProcessBackend(Backend):
                 self._unreadable_job(proc.jobs.popleft(), _worker.unpack_error(message[1]))
         elif kind == _worker.INIT_FAILED:
             error = _worker.unpack_error(message[1])
-            self._broken = True
+            with self._start_lock:
+                self._broken = True
             proc.leaving = True
             self._on_broken(error)
             while proc.jobs:

@@ -185,6 +185,12 @@ class ThreadBackend(Backend):
                 try:
                     self._initializer(*self._initargs)
                 except BaseException as exc:
+                    # Refuse new batches before the pool takes back the queued ones, so
+                    # that none slips in between and waits for a worker that never comes.
+                    with self._lock:
+                        if not self._stopping:
+                            self._queue.put(None)
+                        self._stopping = True
                     self._on_broken(exc)
                     return
             get = self._queue.get
