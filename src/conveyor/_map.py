@@ -210,9 +210,15 @@ class _MapState:
             self._items += len(args)
             try:
                 pool._enqueue(batch, block=True, counted=True)
-            except BaseException:
+            except BaseException as exc:
                 del self._inflight[batch.seq]
                 self._items -= len(args)
+                if isinstance(exc, RuntimeError) and pool._shutdown and pool._broken is None:
+                    raise RuntimeError(
+                        "the pool was shut down before this map() pulled all of its input: "
+                        "map() is lazy, so consume its results (or list() them) inside the "
+                        "pool's `with` block"
+                    ) from None
                 raise
             if len(args) < size:
                 self._exhausted = True
