@@ -214,11 +214,14 @@ class _MapState:
                 del self._inflight[batch.seq]
                 self._items -= len(args)
                 if isinstance(exc, RuntimeError) and pool._shutdown and pool._broken is None:
-                    raise RuntimeError(
+                    # Yield what was computed, then say why the rest never will be.
+                    self.input_error = RuntimeError(
                         "the pool was shut down before this map() pulled all of its input: "
                         "map() is lazy, so consume its results (or list() them) inside the "
                         "pool's `with` block"
-                    ) from None
+                    )
+                    self._exhausted = True
+                    return
                 raise
             if len(args) < size:
                 self._exhausted = True
