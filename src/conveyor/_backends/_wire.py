@@ -23,6 +23,7 @@ import mmap
 import os
 import pickle
 import secrets
+import sys
 from typing import Any
 
 import cloudpickle
@@ -34,6 +35,9 @@ BIG = 1 << 20
 _SHM_DIR = "/dev/shm"
 _HAS_SHM = os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK)
 _names = itertools.count()
+_MAIN_REFERENCE = b"__main__"
+# A worker can import __main__ again only if it is a file (a script, not a REPL or -c).
+_MAIN_IMPORTABLE = bool(getattr(sys.modules.get("__main__"), "__file__", None))
 _INBAND = b"\x00"
 _OUTBAND = b"\x01"
 
@@ -75,6 +79,10 @@ def dumps(obj: Any) -> bytes:
         stream = io.BytesIO()
         _Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(obj)
         data = stream.getvalue()
+        if _MAIN_REFERENCE in data and not _MAIN_IMPORTABLE:
+            # Classes and functions of an interactive __main__ cannot be found by name in a
+            # worker: send them by value.
+            raise pickle.PicklingError("refers to an interactive __main__")
     except Exception:
         big.clear()
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
