@@ -11,7 +11,7 @@ import itertools
 import queue
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._backends._base import Batch
@@ -41,19 +41,33 @@ def map_results(
 ) -> Iterator[R]:
     """Start a map and return the iterator of its results (see ``Pool.map``).
 
-    Work starts at once. The iterator is a generator, so a batch's results are handed out at
-    C speed; closing it, or losing it to the garbage collector, cancels what it queued.
+    Work starts at once. Closing the iterator, or losing it to the garbage collector,
+    cancels what it queued (an eager map keeps the stdlib's behaviour: what it submitted
+    runs anyway).
     """
     state = _MapState(pool, fn, inputs, star, ordered, timeout, chunksize, buffersize, eager)
-    results = _results(state)
+    batches = _batches(state)
+    results: MapResults[R] = MapResults.from_iterable(batches)  # type: ignore[assignment]
+    results._batches = batches
     if not eager:
-        # A generator that never started runs no ``finally`` when collected; this does. An
-        # eager map keeps the stdlib's behaviour: what it submitted runs anyway.
         weakref.finalize(results, state.close)
     return results
 
 
-def _results(state: _MapState) -> Iterator[Any]:
+class MapResults(itertools.chain[R]):
+    """The results of a map: a C-speed chain over whole batches of results, with the
+    ``close()`` of a generator (``Pool.map`` used to return one)."""
+
+    __slots__ = ("__weakref__", "_batches")
+    _batches: Generator[list[Any], None, None]
+
+    def close(self) -> None:
+        """Stop: cancel the calls this map queued that have not started."""
+        self._batches.close()
+
+
+def _batches(state: _MapState) -> Generator[list[Any], None, None]:
+    """Each batch's results in turn, up to the first failed call, whose error is raised."""
     try:
         while True:
             batch = state.next_batch()
@@ -61,12 +75,12 @@ def _results(state: _MapState) -> Iterator[Any]:
                 break
             errors = batch.errors
             if errors is None:
-                yield from batch.values
+                yield batch.values
                 continue
-            for index, value in enumerate(batch.values):
-                if index in errors:
-                    raise errors[index]
-                yield value
+            first = min(errors)
+            if first:
+                yield batch.values[:first]
+            raise errors[first]
         error = state.input_error
         if error is not None:
             state.input_error = None
@@ -98,7 +112,7 @@ class _MapState:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._chunksize = chunksize
         self._call_timeout = pool._timeout
-        workers = pool._workers
+        workers = self._workers = pool._workers
         if eager:
             self._max_batches: float = float("inf")
             self._max_items: float = float("inf")
@@ -153,23 +167,30 @@ class _MapState:
             batch = self._wait()
         del self._inflight[batch.seq]
         self._items -= len(batch)
-        if batch.elapsed > 0.0:
-            per_item = batch.elapsed / len(batch)
-            old = self._per_item
-            self._per_item = per_item if old is None else 0.5 * (old + per_item)
         # Refill now: the workers should not wait while the caller consumes this batch.
         self._fill()
         return batch
 
     def _wait(self) -> Batch:
+        """The next batch to complete; each one measured and followed by a refill, so that a
+        slow head of line does not starve the workers."""
         if self._deadline is None:
-            return self._done.get()
-        remaining = self._deadline - time.monotonic()
-        try:
-            return self._done.get(timeout=max(0.0, remaining))
-        except queue.Empty:
-            self.close()
-            raise TimeoutError("map() did not produce its next result within timeout") from None
+            batch = self._done.get()
+        else:
+            remaining = self._deadline - time.monotonic()
+            try:
+                batch = self._done.get(timeout=max(0.0, remaining))
+            except queue.Empty:
+                self.close()
+                raise TimeoutError(
+                    "map() did not produce its next result within timeout"
+                ) from None
+        if batch.elapsed > 0.0:
+            per_item = batch.elapsed / len(batch)
+            old = self._per_item
+            self._per_item = per_item if old is None else 0.5 * (old + per_item)
+            self._fill()
+        return batch
 
     def _batch_size(self) -> int:
         if self._call_timeout is not None:
@@ -187,7 +208,12 @@ class _MapState:
         if self._exhausted:
             return
         pool = self._pool
-        while len(self._inflight) < self._max_batches and self._items < self._max_items:
+        # Until a call has been measured, one batch per worker: if calls are slow, more
+        # batches of unknown length would only wait; if fast, the measure comes soon.
+        max_batches = self._max_batches
+        if self._per_item is None and self._chunksize is None:
+            max_batches = min(max_batches, self._workers)
+        while len(self._inflight) < max_batches and self._items < self._max_items:
             size = self._batch_size()
             if self._max_items != float("inf"):
                 size = max(1, min(size, int(self._max_items - self._items)))
