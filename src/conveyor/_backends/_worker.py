@@ -156,23 +156,23 @@ def _run(
     count = len(args)
     # Reading the clock after every call would cost as much as a trivial call: with many
     # calls (so each is fast) look at it every 64 calls only.
-    every = 0 if count <= 64 else 63
-    for index, arg in enumerate(args):
-        mark[1] = index
-        try:
-            append(call(arg))
-        except BaseException as exc:
-            append(None)
-            errors[index - first] = pack_error(exc)
-        if index & every == 0:
-            now = clock()
-            if now - last >= FLUSH_SECONDS and index + 1 < count:
-                _send_results(send, first, values, errors, False, now - started)
-                first = index + 1
-                values = []
-                append = values.append
-                errors = {}
-                last = now
+    step = 1 if count <= 64 else 64
+    for low in range(0, count, step):
+        for index in range(low, min(low + step, count)):
+            mark[1] = index
+            try:
+                append(call(args[index]))
+            except BaseException as exc:
+                append(None)
+                errors[index - first] = pack_error(exc)
+        now = clock()
+        if now - last >= FLUSH_SECONDS and low + step < count:
+            _send_results(send, first, values, errors, False, now - started)
+            first = low + step
+            values = []
+            append = values.append
+            errors = {}
+            last = now
     mark[1] = count
     _send_results(send, first, values, errors, True, clock() - started)
 
