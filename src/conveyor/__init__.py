@@ -8,6 +8,7 @@ Example:
 """
 
 from ._errors import (
+    BrokenPool,
     InitializerFailed,
     PicklingFailed,
     PoolFull,
@@ -20,6 +21,7 @@ from ._pool import AsyncResult, Pool, PoolStatistics
 
 __all__ = [
     "AsyncResult",
+    "BrokenPool",
     "InitializerFailed",
     "PicklingFailed",
     "Pool",

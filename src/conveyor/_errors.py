@@ -12,6 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures.thread import BrokenThreadPool
 
 __all__ = [
+    "BrokenPool",
     "InitializerFailed",
     "PicklingFailed",
     "PoolFull",
@@ -73,15 +74,28 @@ class WorkerCrashed(BrokenProcessPool):
         return (type(self), (self.args[0], self.exitcode, self.attempts))
 
 
-class InitializerFailed(BrokenThreadPool, BrokenProcessPool):
-    """The pool's ``initializer`` raised: the pool is broken and takes no more work.
+class BrokenPool(BrokenThreadPool, BrokenProcessPool):
+    """The pool cannot run calls any more; the calls it held fail with this error.
 
-    It is both a ``BrokenThreadPool`` and a ``BrokenProcessPool``, so ``except`` clauses written
-    for either standard executor keep working. The initializer's exception is the ``__cause__``.
+    It is both a ``BrokenThreadPool`` and a ``BrokenProcessPool``, so ``except`` clauses
+    written for either standard executor keep working. The reason is the ``__cause__``.
 
     Example:
         >>> import conveyor
-        >>>         >>> issubclass(conveyor.InitializerFailed, BrokenExecutor)
+        >>> from concurrent.futures import BrokenExecutor
+        >>> issubclass(conveyor.BrokenPool, BrokenExecutor)
+        True
+    """
+
+
+class InitializerFailed(BrokenPool):
+    """The pool's ``initializer`` raised: the pool is broken and takes no more work.
+
+    The initializer's exception is the ``__cause__``.
+
+    Example:
+        >>> import conveyor
+        >>> issubclass(conveyor.InitializerFailed, conveyor.BrokenPool)
         True
     """
 

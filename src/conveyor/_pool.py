@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from ._backends import lookup
 from ._backends._base import Backend, Batch, NotRun
-from ._errors import InitializerFailed, PoolFull, TaskTimeout
+from ._errors import BrokenPool, InitializerFailed, PoolFull, TaskTimeout
 from ._map import map_results
 
 __all__ = ["AsyncResult", "Pool", "PoolStatistics"]
@@ -245,7 +245,7 @@ class Pool(Executor):
         self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
         self._shutdown = False
         self._terminated = False
-        self._broken: InitializerFailed | None = None
+        self._broken: BrokenPool | None = None
         self._active = 0  # accepted batches (not reruns) without a final outcome yet
         self._pending = 0  # submitted calls not yet started (only with max_pending)
         self._submitted = 0
@@ -658,12 +658,18 @@ class Pool(Executor):
             self._after_drop()
 
     def _on_broken(self, error: BaseException) -> None:
-        """A worker's initializer raised: fail everything queued and refuse new calls."""
-        broken = InitializerFailed(
-            f"the pool's initializer raised {type(error).__name__}: {error}; "
-            "the pool takes no more calls"
-        )
-        broken.__cause__ = error
+        """The backend cannot run calls any more: fail everything queued and refuse new
+        calls. ``error`` is a ``BrokenPool`` to raise as is, or what a worker's initializer
+        raised."""
+        broken: BrokenPool
+        if isinstance(error, BrokenPool):
+            broken = error
+        else:
+            broken = InitializerFailed(
+                f"the pool's initializer raised {type(error).__name__}: {error}; "
+                "the pool takes no more calls"
+            )
+            broken.__cause__ = error
         with self._lock:
             if self._broken is None:
                 self._broken = broken
@@ -754,11 +760,17 @@ class Pool(Executor):
         retry: list[int] = []
         for index, error in batch.errors.items():
             if isinstance(error, NotRun):
-                if can_rerun:
+                if can_rerun and not error.final:
                     not_run.append(index)
-                else:
-                    batch.errors[index] = self._broken or CancelledError(
+                elif self._broken is not None:
+                    batch.errors[index] = self._broken
+                elif self._terminated:
+                    batch.errors[index] = CancelledError(
                         "the pool was terminated before this call ran"
+                    )
+                else:
+                    batch.errors[index] = BrokenPool(
+                        "the pool's workers stopped before this call ran"
                     )
             elif (
                 can_rerun

@@ -30,7 +30,12 @@ __all__ = ["Backend", "Batch", "NotRun"]
 
 
 class NotRun(Exception):
-    """Marks a call that its worker never started: Pool runs it again elsewhere."""
+    """Marks a call that its worker never started: Pool runs it again elsewhere, unless
+    ``final`` (the backend has stopped and will run nothing more)."""
+
+    def __init__(self, final: bool = False) -> None:
+        super().__init__()
+        self.final = final
 
 
 class Batch:
@@ -97,7 +102,7 @@ class Batch:
         """Report, without running it, a batch that reached a backend already stopped."""
         if self.begin():
             for index in range(len(self.args)):
-                self.fail(index, NotRun())
+                self.fail(index, NotRun(final=True))
             self.finish()
 
     def __len__(self) -> int:
@@ -142,7 +147,8 @@ class Backend(abc.ABC):
         initargs: tuple[Any, ...] = (),
         **options: Any,
     ) -> None:
-        """``on_broken(error)``: the initializer raised in a worker; nothing will run."""
+        """``on_broken(error)``: nothing will run any more, because a worker's initializer
+        raised ``error``, or for the reason a ``BrokenPool`` ``error`` gives."""
         self.workers = workers
         self._on_broken = on_broken
 

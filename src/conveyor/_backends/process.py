@@ -46,7 +46,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .._errors import PicklingFailed, TaskTimeout, UnpicklingFailed, WorkerCrashed
+from .._errors import BrokenPool, PicklingFailed, TaskTimeout, UnpicklingFailed, WorkerCrashed
 from . import _wire, _worker
 from ._base import Backend, Batch, NotRun
 
@@ -56,6 +56,10 @@ __all__ = ["ProcessBackend", "default_context"]
 KILL_GRACE = 0.5
 #: Seconds a worker gets to exit after being told to stop at shutdown.
 STOP_GRACE = 5.0
+#: A job expected to run less than this may wait in a worker's pipe behind another.
+PIPELINE_SECONDS = 0.002
+#: Workers dying before they are ready, in a row, that break the pool.
+FAILED_STARTS = 3
 #: Functions cached per pool (and per worker) before the caches are reset.
 FUNCTION_CACHE = 256
 
@@ -148,6 +152,7 @@ class _Proc:
         "leaving",
         "mark",
         "process",
+        "ready",
         "sent",
     )
 
@@ -162,6 +167,7 @@ class _Proc:
         self.done = 0  # calls sent, for max_tasks_per_worker
         self.leaving = False  # told to stop, or being killed: its exit is no crash
         self.kill_at: float | None = None  # SIGKILL deadline after a SIGTERM
+        self.ready = False  # it has started and run the initializer
 
 
 class ProcessBackend(Backend):
@@ -224,7 +230,9 @@ class ProcessBackend(Backend):
             collections.OrderedDict()
         )
         self._fn_ids = itertools.count()
+        self._call_seconds: dict[int, float] = {}  # measured seconds per call, by function id
         self._broken = False
+        self._failed_starts = 0  # workers that died before READY, in a row
         self._lifeline_r: Connection | None = None
         self._lifeline_w: Connection | None = None
         self._poller: Any = None  # select.poll over the wakeup pipe, pipes and sentinels
@@ -318,8 +326,19 @@ class ProcessBackend(Backend):
                 self._spawn()
             while not self._serve_once():
                 pass
+        except BaseException as exc:
+            # A bug here, or an error starting a worker: the pool cannot go on, but every
+            # call it holds must still end, and nobody may wait forever.
+            broken = BrokenPool(f"the process pool stopped working: {type(exc).__name__}: {exc}")
+            broken.__cause__ = exc
+            self._fail_pool(broken)
         finally:
             self._finish_all()
+
+    def _fail_pool(self, error: BrokenPool) -> None:
+        with self._start_lock:
+            self._broken = True
+        self._on_broken(error)
 
     def _serve_once(self) -> bool:
         """One round of the dispatcher; True when it is time to exit."""
@@ -354,8 +373,11 @@ class ProcessBackend(Backend):
         if self._killing:
             self._kill_all()
         if self._killing or self._broken:
+            # Nothing will run any more: end every call that waits.
             for batch in self.drain():
                 batch.reject()
+            while self._jobs:
+                self._fail_job(self._jobs.popleft(), lambda: NotRun(final=True))
         self._enforce_deadlines()
         return False
 
@@ -399,19 +421,31 @@ class ProcessBackend(Backend):
             self._poller.register(fd, select.POLLIN)
 
     def _assign(self) -> None:
-        """Keep every worker busy: one job running and, without deadlines, one more queued
-        in its pipe so that it never waits for us between jobs."""
+        """Keep every worker busy: one job running and, when it is short, one more queued in
+        its pipe so that the worker never waits for us between jobs.
+
+        Only a job measured to be short waits behind another: a long one queued behind a
+        running job could sit there while another worker is idle.
+        """
         for proc in self._procs:
             while not proc.leaving and len(proc.jobs) < 2 and self._has_room(proc):
-                if proc.jobs and proc.jobs[0].run.batch.timeout is not None:
-                    break
                 job = self._next_job()
                 if job is None:
                     return
-                if proc.jobs and job.run.batch.timeout is not None:
-                    self._jobs.appendleft(job)  # a watched call starts on an idle worker
+                if proc.jobs and not (self._is_short(proc.jobs[0]) and self._is_short(job)):
+                    self._jobs.appendleft(job)
                     break
                 self._send(proc, job)
+
+    def _is_short(self, job: _Job) -> bool:
+        """Whether ``job`` is expected to run under ``PIPELINE_SECONDS`` (and has no deadline,
+        which is counted from the moment it is sent)."""
+        batch = job.run.batch
+        if batch.timeout is not None:
+            return False
+        entry = self._functions.get(id(batch.fn))
+        seconds = None if entry is None else self._call_seconds.get(entry[1])
+        return seconds is not None and seconds * len(job.indexes) < PIPELINE_SECONDS
 
     def _has_room(self, proc: _Proc) -> bool:
         return self._max_tasks is None or proc.done < self._max_tasks
@@ -435,7 +469,8 @@ class ProcessBackend(Backend):
             entry = (fn, next(self._fn_ids), _wire.dumps_function(fn))
             self._functions[id(fn)] = entry
             if len(self._functions) > FUNCTION_CACHE:
-                self._functions.popitem(last=False)
+                _, (_, old_id, _) = self._functions.popitem(last=False)
+                self._call_seconds.pop(old_id, None)
         else:
             self._functions.move_to_end(id(fn))
         fn_id = entry[1]
@@ -539,8 +574,10 @@ class ProcessBackend(Backend):
             for offset, packed in errors.items():
                 batch.fail(placed[offset], _worker.unpack_error(packed))
             job.received = first + len(values)
-            batch.elapsed += elapsed
             if finished:
+                # ``elapsed`` counts from the job's start: only the last report is its total.
+                batch.elapsed += elapsed
+                self._measure(batch, len(job.indexes), elapsed)
                 proc.jobs.popleft()
                 self._close_job(job)
                 if proc.jobs and proc.jobs[0].run.batch.timeout is not None:
@@ -560,7 +597,17 @@ class ProcessBackend(Backend):
             self._on_broken(error)
             while proc.jobs:
                 self._fail_job(proc.jobs.popleft(), NotRun)
-        # READY needs no action: jobs are sent before it arrives and wait in the pipe.
+        elif kind == _worker.READY:
+            proc.ready = True  # jobs were sent before this arrived; they wait in the pipe
+            self._failed_starts = 0
+
+    def _measure(self, batch: Batch, calls: int, elapsed: float) -> None:
+        entry = self._functions.get(id(batch.fn))
+        if entry is None or entry[0] is not batch.fn or not calls:
+            return
+        per_call = elapsed / calls
+        old = self._call_seconds.get(entry[1])
+        self._call_seconds[entry[1]] = per_call if old is None else 0.5 * (old + per_call)
 
     def _unreadable_job(self, job: _Job, error: BaseException) -> None:
         """The worker could not unpickle the job: find which call's arguments are to blame."""
@@ -655,7 +702,22 @@ class ProcessBackend(Backend):
                 pass
         proc.conn.close()
         _wire.forget_files_of(proc.process.pid or 0)
-        if proc.jobs:
+        if not proc.ready and not proc.leaving:
+            # It died before it could take work: no call is to blame.
+            for job in reversed(proc.jobs):
+                self._requeue(job)
+            proc.jobs.clear()
+            self._failed_starts += 1
+            if self._failed_starts >= FAILED_STARTS:
+                self._fail_pool(
+                    BrokenPool(
+                        f"worker processes exit while starting ({_describe_exit(code)}, "
+                        f"{self._failed_starts} times in a row); see their error output. A "
+                        "script that creates a pool at import time needs an "
+                        "`if __name__ == '__main__':` guard"
+                    )
+                )
+        elif proc.jobs:
             head = proc.jobs.popleft()
             for later in reversed(proc.jobs):  # never started
                 self._requeue(later)
