@@ -191,7 +191,10 @@ class Pool(Executor):
     Behaviour on faults (process backend): a worker that dies fails only the call it was
     running, with ``WorkerCrashed``; the pool replaces it and goes on. Calls of the same
     batch that it had not started run on another worker, and so do finished calls whose
-    results it had not yet sent (results are sent at least every millisecond).
+    results it had not yet sent (results are sent at least every millisecond). Calls
+    measured to take under 2 microseconds run in a fast loop that knows only which group of
+    256 calls is running: if one of them crashes its worker, that group runs again, call by
+    call, to find it.
 
     Example:
         >>> import conveyor

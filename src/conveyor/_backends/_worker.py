@@ -29,7 +29,7 @@ from typing import Any
 from . import _wire
 
 # Messages, pool -> worker: one byte of kind, then the pickle. Jobs run in arrival order.
-RUN = 0  # RUN + (fn_id, fn_blob | None, star, kwargs | None, args)
+RUN = 0  # RUN + (fn_id, fn_blob | None, star, kwargs | None, fast, args)
 STOP = 1  # STOP
 FORGET = 2  # FORGET: drop cached functions
 # Messages, worker -> pool; each is about the oldest job not finished yet.
@@ -133,11 +133,12 @@ def _run(
     mark: Any,
     send: Callable[[bytes], None],
 ) -> None:
-    # mark = [job ordinal, call index]; -1 while the job is being unpickled.
+    # mark = [job ordinal, where]; where is -1 while the job is unpickled, the index of the
+    # running call in a careful job, and -(first index of the running chunk) - 2 in a fast one.
     mark[1] = -1
     mark[0] += 1
     try:
-        fn_id, fn_blob, star, kwargs, args = _wire.loads(data)
+        fn_id, fn_blob, star, kwargs, fast, args = _wire.loads(data)
         if fn_blob is not None:
             functions[fn_id] = _wire.loads(fn_blob)
         fn = functions[fn_id]
@@ -147,34 +148,85 @@ def _run(
     if kwargs:
         fn = functools.partial(fn, **kwargs)
     call = _unpacking(fn) if star else fn
-    clock = time.perf_counter
-    started = last = clock()
-    values: list[Any] = []
-    append = values.append
-    errors: dict[int, tuple[BaseException, str]] = {}
-    first = 0  # job index of values[0]
-    count = len(args)
-    # Reading the clock after every call would cost as much as a trivial call: with many
-    # calls (so each is fast) look at it every 64 calls only.
-    step = 1 if count <= 64 else 64
-    for low in range(0, count, step):
-        for index in range(low, min(low + step, count)):
+    _Job(args, call, mark, send, fast).run()
+
+
+class _Job:
+    """Runs the calls of one job, sending outcomes at the end and every FLUSH_SECONDS."""
+
+    def __init__(
+        self,
+        args: list[Any],
+        call: Callable[[Any], Any],
+        mark: Any,
+        send: Callable[[bytes], None],
+        fast: bool,
+    ) -> None:
+        self.args = args
+        self.call = call
+        self.mark = mark
+        self.send = send
+        self.fast = fast
+        self.values: list[Any] = []
+        self.errors: dict[int, tuple[BaseException, str]] = {}
+        self.first = 0  # job index of values[0]
+
+    def run(self) -> None:
+        count = len(self.args)
+        clock = time.perf_counter
+        started = last = clock()
+        # Reading the clock after every call would cost as much as a trivial call: with many
+        # calls (so each is fast) look at it once per chunk.
+        step = 256 if self.fast else 1 if count <= 64 else 64
+        for low in range(0, count, step):
+            high = min(low + step, count)
+            if self.fast:
+                self._run_fast(low, high)
+            else:
+                self._run_careful(low, high)
+            now = clock()
+            if now - last >= FLUSH_SECONDS and high < count:
+                self._flush(False, now - started)
+                self.first = high
+                last = now
+        self.mark[1] = count
+        self._flush(True, clock() - started)
+
+    def _run_careful(self, low: int, high: int) -> None:
+        """Each call marked before it runs: if one kills the process, the pool knows which."""
+        args, call, mark, errors = self.args, self.call, self.mark, self.errors
+        append = self.values.append
+        for index in range(low, high):
             mark[1] = index
             try:
                 append(call(args[index]))
             except BaseException as exc:
                 append(None)
-                errors[index - first] = pack_error(exc)
-        now = clock()
-        if now - last >= FLUSH_SECONDS and low + step < count:
-            _send_results(send, first, values, errors, False, now - started)
-            first = low + step
-            values = []
-            append = values.append
-            errors = {}
-            last = now
-    mark[1] = count
-    _send_results(send, first, values, errors, True, clock() - started)
+                errors[index - self.first] = pack_error(exc)
+
+    def _run_fast(self, low: int, high: int) -> None:
+        """The calls at C speed, for functions the pool measured to take microseconds. If one
+        kills the process, the pool only knows the chunk, and runs it again carefully."""
+        self.mark[1] = -low - 2
+        chunk = self.args[low:high]
+        values = self.values
+        done = 0
+        while done < len(chunk):
+            before = len(values)
+            try:
+                # extend() keeps what map() produced before an exception.
+                values.extend(map(self.call, chunk[done:] if done else chunk))
+                return
+            except BaseException as exc:
+                failed = len(values)
+                values.append(None)
+                self.errors[failed] = pack_error(exc)
+                done += failed - before + 1
+
+    def _flush(self, finished: bool, elapsed: float) -> None:
+        _send_results(self.send, self.first, self.values, self.errors, finished, elapsed)
+        self.values = []
+        self.errors = {}
 
 
 def _unpacking(fn: Callable[..., Any]) -> Callable[[tuple[Any, ...]], Any]:

@@ -58,6 +58,8 @@ KILL_GRACE = 0.5
 STOP_GRACE = 5.0
 #: A job expected to run less than this may wait in a worker's pipe behind another.
 PIPELINE_SECONDS = 0.002
+#: Calls measured to take less than this run in the worker's fast loop (see _worker).
+TRIVIAL_CALL_SECONDS = 2e-6
 #: Workers dying before they are ready, in a row, that break the pool.
 FAILED_STARTS = 3
 #: Functions cached per pool (and per worker) before the caches are reset.
@@ -126,10 +128,11 @@ class _Run:
 class _Job:
     """Some calls of one batch, sent to one worker as one message."""
 
-    __slots__ = ("deadline", "files", "indexes", "ordinal", "received", "run")
+    __slots__ = ("careful", "deadline", "files", "indexes", "ordinal", "received", "run")
 
-    def __init__(self, run: _Run, indexes: range | list[int]) -> None:
+    def __init__(self, run: _Run, indexes: range | list[int], careful: bool = False) -> None:
         self.run = run
+        self.careful = careful  # never in the fast loop: it holds a call that crashed one
         # Batch positions of this job's calls, in order: a range while they are contiguous,
         # so that results land in the batch with one slice assignment.
         self.indexes = indexes
@@ -437,6 +440,17 @@ class ProcessBackend(Backend):
                     break
                 self._send(proc, job)
 
+    def _is_trivial(self, job: _Job, fn_id: int) -> bool:
+        """Whether ``job`` may run in the worker's fast loop: many calls, each measured to
+        take a few microseconds, so none is worth the cost of marking it."""
+        seconds = self._call_seconds.get(fn_id)
+        return (
+            not job.careful
+            and len(job.indexes) > 64
+            and seconds is not None
+            and seconds < TRIVIAL_CALL_SECONDS
+        )
+
     def _is_short(self, job: _Job) -> bool:
         """Whether ``job`` is expected to run under ``PIPELINE_SECONDS`` (and has no deadline,
         which is counted from the moment it is sent)."""
@@ -502,7 +516,8 @@ class ProcessBackend(Backend):
             args = [batch.args[i] for i in indexes]
         try:
             args = _wire.wrap_big_bytes(args)
-            payload = _wire.dumps((fn_id, fn_blob, batch.star, batch.kwargs, args))
+            fast = self._is_trivial(job, fn_id)
+            payload = _wire.dumps((fn_id, fn_blob, batch.star, batch.kwargs, fast, args))
         except Exception:
             if fn_blob is not None:
                 proc.known.discard(fn_id)
@@ -741,6 +756,16 @@ class ProcessBackend(Backend):
             self._requeue(job)  # it died before it began this job: nothing to blame
             return
         open_indexes = job.indexes[job.received :]
+        if where <= -2:
+            # It died in the fast loop, in the chunk that starts at -where - 2: calls before
+            # the chunk run again as they were, the chunk carefully, to find the culprit.
+            chunk = max(0, -where - 2 - job.received)
+            if open_indexes[chunk:]:
+                self._jobs.appendleft(_Job(job.run, open_indexes[chunk:], careful=True))
+            if open_indexes[:chunk]:
+                self._jobs.appendleft(_Job(job.run, open_indexes[:chunk]))
+            self._close_job(job)
+            return
         position = where - job.received  # within open_indexes
         if not 0 <= position < len(open_indexes):
             # It died while unpickling the job, or after its last call: the culprit is
