@@ -46,6 +46,10 @@ def map_results(
     runs anyway).
     """
     state = _MapState(pool, fn, inputs, star, ordered, timeout, chunksize, buffersize, eager)
+    if eager and state.input_error is not None:
+        # The stdlib's map reads its whole input at the call, so that is where an error of the
+        # input is raised; the calls submitted before it run.
+        raise state.input_error
     batches = _batches(state)
     results: MapResults[R] = MapResults.from_iterable(batches)  # type: ignore[assignment]
     results._batches = batches
@@ -113,6 +117,7 @@ class _MapState:
         self._chunksize = chunksize
         self._call_timeout = pool._timeout
         workers = self._workers = pool._workers
+        self._eager = eager
         if eager:
             self._max_batches: float = float("inf")
             self._max_items: float = float("inf")
@@ -120,7 +125,8 @@ class _MapState:
             self._max_batches = max(16, 4 * workers)
             self._max_items = buffersize if buffersize is not None else DEFAULT_WINDOW_ITEMS
         # Batch sizes: never so large that the window holds fewer batches than workers.
-        self._size_cap = max(1, min(MAX_BATCH, int(self._max_items // max(1, workers))))
+        # (An eager map's window is infinite, and inf // n is nan: divide, then bound.)
+        self._size_cap = max(1, int(min(MAX_BATCH, self._max_items / max(1, workers))))
         self._target = pool._backend.batch_seconds
         self._per_item: float | None = None  # measured seconds per call
         self._done: queue.SimpleQueue[Batch] = queue.SimpleQueue()
@@ -211,20 +217,21 @@ class _MapState:
         # Until a call has been measured, one batch per worker: if calls are slow, more
         # batches of unknown length would only wait; if fast, the measure comes soon.
         max_batches = self._max_batches
-        if self._per_item is None and self._chunksize is None:
+        if self._per_item is None and self._chunksize is None and not self._eager:
             max_batches = min(max_batches, self._workers)
         while len(self._inflight) < max_batches and self._items < self._max_items:
             size = self._batch_size()
             if self._max_items != float("inf"):
                 size = max(1, min(size, int(self._max_items - self._items)))
+            # extend() keeps the items pulled before the input raised: they still run.
+            args: list[Any] = []
             try:
-                args = list(itertools.islice(self._inputs, size))
+                args.extend(itertools.islice(self._inputs, size))
             except BaseException as exc:
                 # Raised once the results before it are yielded, as a loop over the input
                 # would have raised it.
                 self.input_error = exc
                 self._exhausted = True
-                return
             if not args:
                 self._exhausted = True
                 return
@@ -239,7 +246,9 @@ class _MapState:
             except BaseException as exc:
                 del self._inflight[batch.seq]
                 self._items -= len(args)
-                if isinstance(exc, RuntimeError) and pool._shutdown and pool._broken is None:
+                stopped = pool._shutdown and pool._broken is None
+                # An eager map raises at the call, as the stdlib's does.
+                if isinstance(exc, RuntimeError) and stopped and not self._eager:
                     # Yield what was computed, then say why the rest never will be.
                     self.input_error = RuntimeError(
                         "the pool was shut down before this map() pulled all of its input: "

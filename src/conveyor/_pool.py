@@ -20,6 +20,7 @@ from ._backends import lookup
 from ._backends._base import Backend, Batch, NotRun
 from ._errors import BrokenPool, InitializerFailed, PoolFull, TaskTimeout
 from ._map import map_results
+from ._progress import length_of, track
 
 __all__ = ["AsyncResult", "Pool", "PoolStatistics"]
 
@@ -320,10 +321,11 @@ class Pool(Executor):
                             f"{self._max_pending}); retry later or use submit() to wait"
                         )
                     self._room.wait()
-                    if self._shutdown:
-                        raise RuntimeError("cannot schedule new futures after shutdown")
+                    # Broken before shut down: a broken pool is also shut down.
                     if self._broken is not None:
                         raise self._broken
+                    if self._shutdown:
+                        raise RuntimeError("cannot schedule new futures after shutdown")
                 self._pending += 1
                 batch.slot = True
             self._submitted += len(batch)
@@ -342,6 +344,7 @@ class Pool(Executor):
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        progress: bool = False,
     ) -> Iterator[R]:
         """``fn`` over zipped ``iterables``, results in input order, lazily.
 
@@ -350,7 +353,9 @@ class Pool(Executor):
         constant memory. ``timeout`` counts from this call; a failing call's exception is
         raised at its position. Leaving the loop early (``break``, ``close()``, garbage
         collection) cancels the calls it queued. ``chunksize`` fixes the batch size; by default
-        batches are sized from the measured duration of earlier calls.
+        batches are sized from the measured duration of earlier calls. ``progress`` shows a
+        live line on stderr (done/total, rate, ETA; the total when the inputs have a
+        ``len()``), wiped when the results end.
 
         Example:
             >>> import conveyor
@@ -370,7 +375,7 @@ class Pool(Executor):
         else:
             inputs = zip(*iterables)  # noqa: B905 - the stdlib's map stops at the shortest
             star = True
-        return map_results(
+        results = map_results(
             self,
             fn,
             inputs,
@@ -381,6 +386,7 @@ class Pool(Executor):
             buffersize=buffersize,
             eager=self._eager_map and buffersize is None,
         )
+        return track(results, length_of(*iterables)) if progress else results
 
     def imap(
         self,
@@ -389,8 +395,11 @@ class Pool(Executor):
         chunksize: int | None = None,
         *,
         buffersize: int | None = None,
+        progress: bool = False,
     ) -> Iterator[R]:
         """``multiprocessing.Pool.imap``: lazy ``fn`` over ``iterable`` in input order.
+
+        ``progress`` shows a live line on stderr, as ``map`` does.
 
         Example:
             >>> import conveyor
@@ -401,7 +410,7 @@ class Pool(Executor):
         _check_callable(fn)
         _check_count("chunksize", chunksize, 1)
         _check_count("buffersize", buffersize, 1)
-        return map_results(
+        results = map_results(
             self,
             fn,
             iter(iterable),
@@ -411,6 +420,7 @@ class Pool(Executor):
             chunksize=chunksize,
             buffersize=buffersize,
         )
+        return track(results, length_of(iterable)) if progress else results
 
     def imap_unordered(
         self,
@@ -419,8 +429,11 @@ class Pool(Executor):
         chunksize: int | None = None,
         *,
         buffersize: int | None = None,
+        progress: bool = False,
     ) -> Iterator[R]:
         """``multiprocessing.Pool.imap_unordered``: lazy, results as they complete.
+
+        ``progress`` shows a live line on stderr, as ``map`` does.
 
         Example:
             >>> import conveyor
@@ -431,7 +444,7 @@ class Pool(Executor):
         _check_callable(fn)
         _check_count("chunksize", chunksize, 1)
         _check_count("buffersize", buffersize, 1)
-        return map_results(
+        results = map_results(
             self,
             fn,
             iter(iterable),
@@ -441,6 +454,7 @@ class Pool(Executor):
             chunksize=chunksize,
             buffersize=buffersize,
         )
+        return track(results, length_of(iterable)) if progress else results
 
     def starmap(
         self,
@@ -642,13 +656,22 @@ class Pool(Executor):
         ``drained`` batches were taken out of the backend's queue and will never reach
         ``_begin``; the others may still, and are dropped there.
         """
+        cancelled: set[int] = set()
+        if drained:
+            for batch in batches:
+                # Outside the lock: cancel() runs the future's done callbacks, which may call
+                # back into the pool. wait() and as_completed() only see a cancelled future
+                # once set_running_or_notify_cancel() has told them, as a worker would have.
+                if batch.future is not None and batch.future.cancel():
+                    batch.future.set_running_or_notify_cancel()
+                    cancelled.add(id(batch))
         with self._lock:
             for batch in batches:
                 if batch.slot:
                     batch.slot = False
                     self._pending -= 1
                 if batch.future is not None:
-                    if drained and batch.future.cancel():
+                    if id(batch) in cancelled:
                         self._cancelled += 1
                         self._active -= 1
                 elif batch.state == _QUEUED:
