@@ -17,13 +17,16 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._executors import ProcessPoolExecutor, ThreadPoolExecutor
+from ._pipeline import Failed, Pipeline
 from ._pool import AsyncResult, Pool, PoolStatistics
 
 __all__ = [
     "AsyncResult",
     "BrokenPool",
+    "Failed",
     "InitializerFailed",
     "PicklingFailed",
+    "Pipeline",
     "Pool",
     "PoolFull",
     "PoolStatistics",
