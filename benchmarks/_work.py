@@ -1,0 +1,53 @@
+"""The functions the benchmarks send to pools.
+
+They live in a module of their own so that worker processes started with ``spawn`` or
+``forkserver`` can import them by name (functions of a script's ``__main__`` are not always
+importable there).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+#: Every call ``crash_every_20`` makes with ``x % CRASH_EVERY == 0`` kills its worker.
+CRASH_EVERY = 20
+
+
+def noop() -> None:
+    """Return None at once: the cost of a call itself."""
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def nap(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def fib(n: int) -> int:
+    """The naive recursive Fibonacci number: pure CPU work in the interpreter."""
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def array_sum(array: Any) -> float:
+    return float(array.sum())
+
+
+def crash_every_20(x: int) -> int:
+    """``x + 1``, except that one call in CRASH_EVERY kills its worker process."""
+    if x % CRASH_EVERY == 0:
+        os._exit(1)
+    return x + 1
+
+
+def echo(conn: Any) -> None:
+    """Send back whatever arrives on ``conn`` until None arrives: a bare pipe's round trip."""
+    while True:
+        message = conn.recv()
+        if message is None:
+            conn.close()
+            return
+        conn.send(message)
