@@ -876,6 +876,103 @@ def test_futures_cancelled_by_the_pool_wake_wait_and_as_completed(stop: str) -> 
     pool.shutdown()
 
 
+@pytest.mark.parametrize("stop", ["shutdown", "terminate"])
+def test_a_map_read_on_another_thread_ends_when_its_queued_calls_are_cancelled(
+    stop: str,
+) -> None:
+    gate = threading.Event()
+    first_started = threading.Event()
+
+    def gated(x: int) -> int:
+        first_started.set()
+        if not gate.wait(WAIT):
+            raise AssertionError("the test never opened the gate")
+        return x
+
+    pool = conveyor.Pool(workers=1)
+    seen: list[int] = []
+    outcome: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            seen.extend(pool.map(gated, range(10), chunksize=1))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    stopper = threading.Thread(
+        target=pool.terminate if stop == "terminate" else lambda: pool.shutdown(cancel_futures=True)
+    )
+    try:
+        assert first_started.wait(WAIT)
+        stopper.start()
+    finally:
+        gate.set()
+    consumer.join(WAIT)
+    stopper.join(WAIT)
+    assert not consumer.is_alive(), "the map waited forever for calls that were cancelled"
+    assert not stopper.is_alive()
+    assert seen[:1] == [0]
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], cf.CancelledError)
+    stats = pool.statistics()
+    assert stats.completed + stats.cancelled == stats.submitted == 10
+
+
+def test_a_retry_still_queued_at_shutdown_with_cancel_futures_fails_its_call() -> None:
+    first_gate, second_gate, third_gate = (threading.Event() for _ in range(3))
+    started = {name: threading.Event() for name in "abc"}
+    attempts: list[int] = []
+
+    def held(name: str, gate: threading.Event) -> str:
+        started[name].set()
+        if not gate.wait(WAIT):
+            raise AssertionError("the test never opened the gate")
+        return name
+
+    def fails_once() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            started["b"].set()
+            if not second_gate.wait(WAIT):
+                raise AssertionError("the test never opened the gate")
+            raise ValueError("first attempt")
+        return "retried"
+
+    pool = conveyor.Pool(workers=2, retries=1)
+    try:
+        a = pool.submit(held, "a", first_gate)
+        assert started["a"].wait(WAIT)
+        b = pool.submit(fails_once)
+        assert started["b"].wait(WAIT)
+        c = pool.submit(held, "c", third_gate)  # queued: both workers are busy
+        second_gate.set()  # b fails; its retry is queued behind c, which takes the worker
+        assert started["c"].wait(WAIT)
+        pool.shutdown(wait=False, cancel_futures=True)
+        with pytest.raises(cf.CancelledError):
+            b.result(WAIT)
+    finally:
+        first_gate.set()
+        second_gate.set()
+        third_gate.set()
+    pool.shutdown(wait=True)
+    assert (a.result(0), c.result(0)) == ("a", "c")
+    assert attempts == [1]
+    stats = pool.statistics()
+    assert (stats.submitted, stats.completed, stats.failed) == (3, 2, 1)
+
+
+def test_shutdown_with_wait_inside_a_call_of_the_same_pool_raises_instead_of_hanging() -> None:
+    pool = conveyor.Pool(workers=2)
+    future = pool.submit(lambda: pool.shutdown(wait=True))
+    with pytest.raises(RuntimeError, match="inside one of this pool's own calls"):
+        future.result(WAIT)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(abs, 1)
+    pool.shutdown()
+
+
 def test_a_done_callback_may_use_the_pool_when_shutdown_cancels_its_future() -> None:
     blocker = Blocker()
     seen: list[conveyor.PoolStatistics] = []

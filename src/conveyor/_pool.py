@@ -248,7 +248,7 @@ class Pool(Executor):
         self._room = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
         self._shutdown = False
-        self._terminated = False
+        self._cancelling = False  # shut down with cancel_futures, or terminated
         self._broken: BrokenPool | None = None
         self._active = 0  # accepted batches (not reruns) without a final outcome yet
         self._pending = 0  # submitted calls not yet started (only with max_pending)
@@ -541,6 +541,13 @@ class Pool(Executor):
         """
         self._stop(cancel=cancel_futures, kill=False)
         if wait:
+            if self._backend.in_worker():
+                # Waiting here would wait for the very call that waits: a deadlock.
+                raise RuntimeError(
+                    "shutdown(wait=True) was called from inside one of this pool's own calls, "
+                    "which would wait for itself; the pool is shut down, but to wait for it, "
+                    "call shutdown() from outside the pool (or pass wait=False here)"
+                )
             with self._lock:
                 while self._active:
                     self._idle.wait()
@@ -569,7 +576,8 @@ class Pool(Executor):
     def _stop(self, *, cancel: bool, kill: bool) -> None:
         with self._lock:
             self._shutdown = True
-            self._terminated = self._terminated or kill
+            # No reruns either: a retry or a rerun is a call that has not started.
+            self._cancelling = self._cancelling or cancel or kill
             self._room.notify_all()
         if cancel:
             self._cancel_batches(self._backend.drain(), drained=True)
@@ -654,9 +662,13 @@ class Pool(Executor):
         """Cancel the batches that no worker started; running ones finish.
 
         ``drained`` batches were taken out of the backend's queue and will never reach
-        ``_begin``; the others may still, and are dropped there.
+        ``_begin``: each is ended here (a map learns that its calls were cancelled, a rerun
+        fails its calls into its original batch). The others may still reach ``_begin``, and
+        are dropped there.
         """
         cancelled: set[int] = set()
+        reruns: list[Batch] = []
+        sinks: list[Batch] = []
         if drained:
             for batch in batches:
                 # Outside the lock: cancel() runs the future's done callbacks, which may call
@@ -670,7 +682,10 @@ class Pool(Executor):
                 if batch.slot:
                     batch.slot = False
                     self._pending -= 1
-                if batch.future is not None:
+                if batch.parent is not None:
+                    if drained:
+                        reruns.append(batch)
+                elif batch.future is not None:
                     if id(batch) in cancelled:
                         self._cancelled += 1
                         self._active -= 1
@@ -679,7 +694,20 @@ class Pool(Executor):
                     self._cancelled += len(batch)
                     if drained:
                         self._active -= 1
+                        sinks.append(batch)
             self._room.notify_all()
+        for batch in sinks:
+            # A map waiting for this batch (maybe on another thread) must hear of it.
+            for index in range(len(batch)):
+                batch.fail(index, CancelledError("the pool was shut down before this call ran"))
+            if batch.sink is not None:
+                batch.sink(batch)
+        for batch in reruns:
+            for index in range(len(batch)):
+                batch.fail(
+                    index, CancelledError("the pool was shut down before this call ran again")
+                )
+            self._finish(batch)
         if drained:
             self._after_drop()
 
@@ -781,7 +809,7 @@ class Pool(Executor):
         ``retry_on`` exception runs again while attempts remain.
         """
         assert batch.errors is not None
-        can_rerun = self._broken is None and not self._terminated
+        can_rerun = self._broken is None and not self._cancelling
         not_run: list[int] = []
         retry: list[int] = []
         for index, error in batch.errors.items():
@@ -790,9 +818,10 @@ class Pool(Executor):
                     not_run.append(index)
                 elif self._broken is not None:
                     batch.errors[index] = self._broken
-                elif self._terminated:
+                elif self._cancelling:
                     batch.errors[index] = CancelledError(
-                        "the pool was terminated before this call ran"
+                        "the pool was terminated (or shut down with cancel_futures=True) "
+                        "before this call ran"
                     )
                 else:
                     batch.errors[index] = BrokenPool(

@@ -176,3 +176,7 @@ class Backend(abc.ABC):
     def live_workers(self) -> int:
         """How many workers exist now (may be fewer than ``workers`` before they are needed)."""
         return self.workers
+
+    def in_worker(self) -> bool:
+        """Whether the calling thread is one of this backend's workers (running a call)."""
+        return False

@@ -152,6 +152,11 @@ class ThreadBackend(Backend):
         with self._lock:
             return len(self._workers)
 
+    def in_worker(self) -> bool:
+        current = threading.current_thread()
+        with self._lock:
+            return any(w.thread is current for w in self._workers)
+
     # -- threads -------------------------------------------------------------------------
 
     def _spawn(self, replacement: bool) -> bool:
