@@ -146,3 +146,31 @@ def test_pool_map_progress_counts_the_failure(capsys: pytest.CaptureFixture[str]
     with conveyor.Pool(workers=2) as pool, pytest.raises(ValueError):
         list(pool.map(int, ["1", "x"], progress=True))
     assert capsys.readouterr().err.endswith("\r")
+
+
+def test_pipeline_progress_counts_outputs_of_a_known_total(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with conveyor.Pipeline(range(-20, 0), progress=True) as pipeline:
+        assert sorted(pipeline.map(abs, workers=2)) == list(range(1, 21))
+    err = capsys.readouterr().err
+    assert err.startswith("\rpipeline 1/20 5%")
+    assert err.endswith("\r")
+
+
+def test_pipeline_progress_has_no_total_when_a_stage_filters(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pipeline = conveyor.Pipeline(range(10), progress=True).filter(lambda x: x % 2 == 0)
+    assert list(pipeline) == [0, 2, 4, 6, 8]
+    assert capsys.readouterr().err.startswith("\rpipeline 1 done")
+
+
+def test_pipeline_progress_counts_collected_failures(capsys: pytest.CaptureFixture[str]) -> None:
+    pipeline = conveyor.Pipeline(["1", "x", "3"], errors="collect", progress=True).map(int)
+    summary = pipeline.run()
+    assert summary.outputs == 3
+    assert len(summary.errors) == 1
+    err = capsys.readouterr().err
+    assert "| 1 failed" in err
+    assert err.endswith("\r")

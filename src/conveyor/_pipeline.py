@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar, cast
 from ._backends import lookup
 from ._pipeline_stage import Buffer, Failed, Stage, StageSpec, StageStatistics
 from ._pool import _check_callable, _check_count, _check_timeout
+from ._progress import Progress, length_of
 
 __all__ = ["Failed", "Pipeline", "PipelineSummary", "StageStatistics"]
 
@@ -109,6 +110,9 @@ class Pipeline(Generic[T]):
             item whose call fails becomes a ``Failed(item, exception, stage)`` record that
             flows to the output in its place; later stages pass it on untouched. (An
             exception in the source ends the input and is raised after the items before it.)
+        progress: show a live line on standard error while the pipeline is iterated: outputs
+            so far (of how many, when the source has a ``len()`` and no stage filters or
+            multiplies items), rate, ETA and failed items; wiped at the end.
 
     Stopping: leaving the loop early (``break``, an exception, ``close()``, garbage
     collection) stops every stage: queued calls are cancelled and process workers are
@@ -126,9 +130,15 @@ class Pipeline(Generic[T]):
         [30, 40, 50]
     """
 
-    def __init__(self, source: Iterable[T], *, errors: str = "raise") -> None:
+    def __init__(
+        self, source: Iterable[T], *, errors: str = "raise", progress: bool = False
+    ) -> None:
         if errors not in _ERRORS:
             raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        self._progress = progress
+        self._source_length = length_of(source) if progress else None
         try:
             self._source: Iterator[Any] = iter(source)
         except TypeError:
@@ -345,6 +355,10 @@ class Pipeline(Generic[T]):
         results = _results(run)
         # A generator that never started runs no ``finally`` when it is collected; this does.
         weakref.finalize(results, run.stop, False)
+        if self._progress:
+            one_to_one = all(spec.kind in ("map", "each") for spec in self._specs)
+            total = self._source_length if one_to_one else None
+            return _with_progress(results, Progress(total, label="pipeline"))
         return results
 
     def run(self) -> PipelineSummary:
@@ -401,6 +415,19 @@ class Pipeline(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _with_progress(results: Iterator[Any], progress: Progress) -> Iterator[Any]:
+    """``results``, advancing ``progress`` per output (a ``Failed`` record counts as failed)."""
+    try:
+        with progress:
+            for item in results:
+                progress.advance(1, failed=int(isinstance(item, Failed)))
+                yield item
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
 
 
 def _results(run: _Run) -> Iterator[Any]:

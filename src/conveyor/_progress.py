@@ -86,10 +86,12 @@ class Progress:
         return self.done / elapsed if elapsed > 0 else 0.0
 
     def advance(self, done: int = 1, *, failed: int = 0) -> None:
-        """Count ``done`` more items, of which ``failed`` failed; redraw if it is time."""
+        """Count ``done`` more items, of which ``failed`` failed; redraw if it is time (and
+        at once on the first failure, which should not wait to be seen)."""
+        first_failure = failed and not self.failed
         self.done += done
         self.failed += failed
-        if time.monotonic() >= self._next_draw:
+        if first_failure or time.monotonic() >= self._next_draw:
             self.draw()
 
     def render(self) -> str:
