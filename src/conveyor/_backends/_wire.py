@@ -36,8 +36,15 @@ _SHM_DIR = "/dev/shm"
 _HAS_SHM = os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK)
 _names = itertools.count()
 _MAIN_REFERENCE = b"__main__"
-# A worker can import __main__ again only if it is a file (a script, not a REPL or -c).
-_MAIN_IMPORTABLE = bool(getattr(sys.modules.get("__main__"), "__file__", None))
+
+def main_is_a_file() -> bool:
+    """Whether a worker can import ``__main__`` again: it is a script's file, not a REPL,
+    ``python -c`` or a script read from standard input (whose ``__file__`` is ``<stdin>``)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return isinstance(path, str) and os.path.isfile(path)
+
+
+_MAIN_IMPORTABLE = main_is_a_file()
 _INBAND = b"\x00"
 _OUTBAND = b"\x01"
 

@@ -41,6 +41,35 @@ INIT_FAILED = 13  # (INIT_FAILED, error)
 FLUSH_SECONDS = 0.001
 
 
+def _tolerate_a_main_that_is_not_a_file() -> None:
+    """Let a worker start when the parent's ``__main__`` was read from standard input.
+
+    Such a ``__main__`` has ``__file__ = "<stdin>"``; ``multiprocessing`` makes every
+    ``forkserver`` child run that path again before our code starts, and the child dies of
+    ``FileNotFoundError``. Its functions travel by value anyway (see ``_wire``), so a path that
+    is not a file is skipped. This module is preloaded by the fork server, so the change lives
+    in the server and its children only, never in the user's process.
+    """
+    from multiprocessing import spawn
+
+    original = getattr(spawn, "_fixup_main_from_path", None)
+    if original is None or getattr(original, "_conveyor", False):
+        return
+
+    def fixup(main_path: str) -> None:
+        if os.path.isfile(main_path):
+            original(main_path)
+
+    fixup._conveyor = True  # type: ignore[attr-defined]
+    spawn._fixup_main_from_path = fixup
+
+
+if __name__ != "__main__" and "multiprocessing.forkserver" in sys.modules:
+    # Imported in a fork server (the user's process imports it too, and is left alone there:
+    # it imported conveyor before any fork server existed, which is where the preload runs).
+    _tolerate_a_main_that_is_not_a_file()
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker process, as text."""
 

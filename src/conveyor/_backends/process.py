@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -101,7 +102,8 @@ def _preload_worker(context: BaseContext) -> None:
     standard library's own default (``__main__``) is kept.
     """
     if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["__main__", _worker.__name__])
+        main = ["__main__"] if _wire.main_is_a_file() else []
+        context.set_forkserver_preload([*main, _worker.__name__])
 
 
 def _describe_exit(code: int | None) -> str:
@@ -205,6 +207,17 @@ class ProcessBackend(Backend):
                 f"multiprocessing.get_context('spawn'), got {mp_context!r}"
             )
         self._context = mp_context if mp_context is not None else default_context()
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if (
+            self._context.get_start_method() == "spawn"
+            and main_file is not None
+            and not _wire.main_is_a_file()
+        ):
+            raise ValueError(
+                f"mp_context: 'spawn' workers import the main script again, and {main_file!r} "
+                "is not a file (a script read from standard input?); use the default start "
+                "method, 'forkserver' or 'fork', or run the script from a file"
+            )
         _preload_worker(self._context)
         self._max_tasks = max_tasks_per_worker
         self._init_blob: bytes | None = None
