@@ -61,7 +61,7 @@ def _tolerate_a_main_that_is_not_a_file() -> None:
             original(main_path)
 
     fixup._conveyor = True  # type: ignore[attr-defined]
-    spawn._fixup_main_from_path = fixup
+    spawn._fixup_main_from_path = fixup  # type: ignore[attr-defined]
 
 
 if __name__ != "__main__" and "multiprocessing.forkserver" in sys.modules:
