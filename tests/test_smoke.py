@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import pathlib
+import time
 
 import pytest
 
@@ -68,3 +70,37 @@ def test_a_dead_worker_fails_only_its_own_call() -> None:
 def test_unknown_backend_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="'thread', 'process'"):
         conveyor.Pool("gpu")
+
+
+def _crash_or_count(directory: str, x: int) -> int:
+    """Die on every third call; otherwise record how many calls run at once."""
+    if x % 3 == 0:
+        os._exit(3)
+    marker = os.path.join(directory, f"running-{os.getpid()}")
+    with open(marker, "w"):
+        pass
+    try:
+        running = len([n for n in os.listdir(directory) if n.startswith("running-")])
+        with open(os.path.join(directory, f"seen-{x}"), "w") as seen:
+            seen.write(str(running))
+        until = time.monotonic() + 0.01
+        while time.monotonic() < until:
+            pass  # busy for a moment, so that calls overlap
+        return running
+    finally:
+        os.unlink(marker)
+
+
+def test_workers_replaced_after_crashes_never_run_more_calls_than_workers(
+    tmp_path: pathlib.Path,
+) -> None:
+    with conveyor.Pool("process", 2) as pool:
+        futures = [pool.submit(_crash_or_count, str(tmp_path), x) for x in range(60)]
+        crashed = [f for f in futures if isinstance(f.exception(timeout=60), BaseException)]
+        counts = [f.result() for f in futures if f not in crashed]
+        assert len(crashed) == 20
+        assert all(isinstance(f.exception(), conveyor.WorkerCrashed) for f in crashed)
+        assert len(counts) == 40
+        assert max(counts) <= 2
+        assert pool.statistics().workers == 2
+        assert pool.submit(_double, 4).result(timeout=60) == 8

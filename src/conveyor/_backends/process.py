@@ -65,6 +65,11 @@ TRIVIAL_CALL_SECONDS = 2e-6
 FAILED_STARTS = 3
 #: Functions cached per pool (and per worker) before the caches are reset.
 FUNCTION_CACHE = 256
+#: A worker that dies or is stopped mid-call is replaced at once by a spare that was started
+#: ahead of need, if there is one; after such a loss, as many spares are kept ready as there
+#: were losses in the last SPARE_WINDOW seconds (at most one per worker). Starting a worker
+#: takes milliseconds, so without spares every crash would cost the pool a worker for that long.
+SPARE_WINDOW = 1.0
 
 _RUN = bytes([_worker.RUN])
 _STOP = bytes([_worker.STOP])
@@ -159,6 +164,7 @@ class _Proc:
         "process",
         "ready",
         "sent",
+        "spare",
     )
 
     def __init__(self, process: BaseProcess, conn: Connection, mark: Any) -> None:
@@ -173,6 +179,7 @@ class _Proc:
         self.leaving = False  # told to stop, or being killed: its exit is no crash
         self.kill_at: float | None = None  # SIGKILL deadline after a SIGTERM
         self.ready = False  # it has started and run the initializer
+        self.spare = False  # started ahead of need: takes no job until it replaces a worker
 
 
 class ProcessBackend(Backend):
@@ -249,6 +256,7 @@ class ProcessBackend(Backend):
         self._call_seconds: dict[int, float] = {}  # measured seconds per call, by function id
         self._broken = False
         self._failed_starts = 0  # workers that died before READY, in a row
+        self._losses: collections.deque[float] = collections.deque()  # when workers were lost
         self._lifeline_r: Connection | None = None
         self._lifeline_w: Connection | None = None
         self._poller: Any = None  # select.poll over the wakeup pipe, pipes and sentinels
@@ -302,7 +310,7 @@ class ProcessBackend(Backend):
         return sum(1 for proc in list(self._procs) if proc.jobs)
 
     def live_workers(self) -> int:
-        return sum(1 for proc in list(self._procs) if not proc.leaving)
+        return sum(1 for proc in list(self._procs) if not proc.leaving and not proc.spare)
 
     # -- internals: starting and waking -------------------------------------------------------
 
@@ -382,8 +390,16 @@ class ProcessBackend(Backend):
             proc = self._by_fd.get(fd)
             if proc is None or proc in dead:
                 continue
-            if fd == proc.process.sentinel or not self._receive(proc):
+            if fd == proc.process.sentinel:
                 dead.append(proc)
+            elif not self._receive(proc):
+                # The pipe closed: the process is exiting. Its exit status comes through the
+                # sentinel, which the poll watches; waiting for it here would hold up every
+                # other worker. One that keeps running without its pipe is killed.
+                del self._by_fd[fd]
+                self._poller.unregister(fd)
+                if proc.kill_at is None:
+                    proc.kill_at = time.monotonic() + KILL_GRACE
         for proc in dead:
             self._bury(proc)
         if self._killing:
@@ -410,7 +426,7 @@ class ProcessBackend(Backend):
                     nearest = moment
         return nearest
 
-    def _spawn(self) -> None:
+    def _spawn(self, spare: bool = False) -> None:
         if self._broken or self._stopping:
             return
         parent_end, child_end = self._context.Pipe(duplex=True)
@@ -431,6 +447,7 @@ class ProcessBackend(Backend):
         process.start()
         child_end.close()
         proc = _Proc(process, parent_end, mark)
+        proc.spare = spare
         self._procs.append(proc)
         for fd in (parent_end.fileno(), process.sentinel):
             self._by_fd[fd] = proc
@@ -444,6 +461,8 @@ class ProcessBackend(Backend):
         running job could sit there while another worker is idle.
         """
         for proc in self._procs:
+            if proc.spare:
+                continue
             while not proc.leaving and len(proc.jobs) < 2 and self._has_room(proc):
                 job = self._next_job()
                 if job is None:
@@ -751,8 +770,10 @@ class ProcessBackend(Backend):
                 self._requeue(later)
             proc.jobs.clear()
             self._crashed(head, proc, code)
-        if not proc.leaving:
-            self._spawn()
+        if proc.spare:
+            self._keep_spares()
+        elif not proc.leaving:
+            self._replace()
         try:
             proc.process.close()
         except ValueError:
@@ -832,7 +853,28 @@ class ProcessBackend(Backend):
             for index in open_indexes[1:]:
                 batch.fail(index, NotRun())
             self._close_job(job)
+            self._replace()
+
+    def _replace(self) -> None:
+        """A worker was lost mid-work: a spare takes its place (one that is ready, if any),
+        else a new worker starts; then spares are started for the next loss."""
+        now = time.monotonic()
+        self._losses.append(now)
+        while self._losses and self._losses[0] < now - SPARE_WINDOW:
+            self._losses.popleft()
+        spares = [p for p in self._procs if p.spare and not p.leaving]
+        if spares:
+            chosen = next((p for p in spares if p.ready), spares[0])
+            chosen.spare = False
+        else:
             self._spawn()
+        self._keep_spares()
+
+    def _keep_spares(self) -> None:
+        wanted = min(self.workers, len(self._losses))
+        have = sum(1 for p in self._procs if p.spare and not p.leaving)
+        for _ in range(wanted - have):
+            self._spawn(spare=True)
 
     @staticmethod
     def _signal(proc: _Proc, signum: int) -> None:
