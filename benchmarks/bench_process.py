@@ -616,7 +616,9 @@ def _start_case() -> None:
         (kind.name, partial(run, kind)) for kind in PEERS
     ]
     rounds(contenders, 1)  # untimed: start fork servers and import what each needs
-    results = rounds(contenders, START_ROUNDS, budget=5.0)
+    # A pool's workers go on exiting (and being reaped) after its shutdown returns: settle,
+    # so that the next contender is not timed while the last one's processes still run.
+    results = rounds(contenders, START_ROUNDS, budget=5.0, settle=0.25)
     how = {kind.name: kind.how for kind in PEERS}
     base = results[MP_POOL].median
     table(

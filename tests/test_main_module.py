@@ -3,6 +3,7 @@ process pools: their functions and classes travel to the workers by value."""
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -52,3 +53,37 @@ def test_spawn_refuses_a_main_read_from_stdin_with_a_clear_error() -> None:
     assert done.returncode == 0, done.stderr
     assert "mp_context" in done.stdout
     assert "not a file" in done.stdout
+
+
+MAIN_WITH_SIDE_EFFECT = textwrap.dedent(
+    """
+    import os, sys
+    import conveyor
+
+    with open(sys.argv[1], "a") as runs:   # the top level of this script, run once more
+        runs.write(f"{os.getpid()}\\n")     # in every process that imports it
+
+    def square(x):
+        return x * x
+
+    if __name__ == "__main__":
+        with conveyor.Pool("process", 2, max_tasks_per_worker=1) as pool:
+            print(sum(pool.map(square, range(8))))
+    """
+)
+
+
+def test_the_main_script_runs_once_in_the_fork_server_not_in_every_worker(
+    tmp_path: pathlib.Path,
+) -> None:
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_WITH_SIDE_EFFECT)
+    runs = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, str(script), str(runs)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(sum(x * x for x in range(8)))
+    # Eight workers ran one call each (max_tasks_per_worker=1); the script's top level ran in
+    # the parent and once in the fork server they were forked from.
+    assert len(runs.read_text().split()) == 2

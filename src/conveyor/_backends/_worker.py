@@ -16,6 +16,7 @@ dies: a thread watches ``lifeline``, a pipe whose other end only the pool holds.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -64,10 +65,52 @@ def _tolerate_a_main_that_is_not_a_file() -> None:
     spawn._fixup_main_from_path = fixup  # type: ignore[attr-defined]
 
 
+#: Set by the pool, only while it starts a fork server: how to import the pool's ``__main__``.
+MAIN_ENV = "CONVEYOR_FORK_SERVER_MAIN"
+
+
+def _preload_parent_main(spec: str) -> None:
+    """Run the parent's ``__main__`` once in the fork server, so that its workers need not.
+
+    ``multiprocessing`` means to do this when ``"__main__"`` is preloaded, but before Python
+    3.13.8 it never passes the main module's path to the server (CPython issue 126631), so
+    each worker ran the main script again: every import of it (NumPy alone takes 50 ms here)
+    paid once per worker. A failure here is left for each worker to meet and report.
+    """
+    from multiprocessing import process, spawn
+
+    try:
+        kind, target, argv = json.loads(spec)
+    except ValueError:
+        return
+    main = sys.modules.get("__main__")
+    if kind == "path" and getattr(main, "__file__", None) == target:
+        return  # this Python preloaded it already
+    if kind == "name" and getattr(getattr(main, "__spec__", None), "name", None) == target:
+        return
+    saved_argv = sys.argv
+    sys.argv = list(argv)
+    current: Any = process.current_process()
+    current._inheriting = True  # a Pool made at import time then fails, as in a worker
+    try:
+        if kind == "path":
+            spawn.import_main_path(target)
+        elif kind == "name":
+            spawn._fixup_main_from_name(target)  # type: ignore[attr-defined]
+    except BaseException:
+        pass
+    finally:
+        del current._inheriting
+        sys.argv = saved_argv
+
+
 if __name__ != "__main__" and "multiprocessing.forkserver" in sys.modules:
     # Imported in a fork server (the user's process imports it too, and is left alone there:
     # it imported conveyor before any fork server existed, which is where the preload runs).
     _tolerate_a_main_that_is_not_a_file()
+    _spec = os.environ.pop(MAIN_ENV, None)
+    if _spec is not None:
+        _preload_parent_main(_spec)
 
 
 class RemoteTraceback(Exception):
