@@ -322,7 +322,7 @@ def test_map_timeout(executor_cls: type[cf.ThreadPoolExecutor]) -> None:
     with executor_cls(max_workers=1) as executor:
         try:
             results = executor.map(blocker, [1, 2], timeout=0.05)
-            with pytest.raises(TimeoutError):
+            with pytest.raises(cf.TimeoutError):  # TimeoutError itself since Python 3.11
                 next(results)
         finally:
             blocker.release()

@@ -7,7 +7,9 @@ A task's own exception is never wrapped: it reaches the caller as itself.
 
 from __future__ import annotations
 
+import concurrent.futures
 import pickle
+import sys
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures.thread import BrokenThreadPool
 
@@ -32,7 +34,16 @@ class PoolFull(RuntimeError):
     """
 
 
-class TaskTimeout(TimeoutError):
+if sys.version_info >= (3, 11):  # concurrent.futures.TimeoutError is TimeoutError
+    Timeout = TimeoutError
+else:  # pragma: no cover - Python 3.10, where the two are different classes
+
+    class Timeout(concurrent.futures.TimeoutError, TimeoutError):
+        """A deadline passed: both the built-in ``TimeoutError`` and, before Python 3.11,
+        ``concurrent.futures.TimeoutError``, so either ``except`` clause catches it."""
+
+
+class TaskTimeout(Timeout):
     """A call ran longer than its per-call ``timeout``.
 
     On the process backend the worker running it was stopped; on threads, which cannot be

@@ -15,6 +15,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._backends._base import Batch
+from ._errors import Timeout
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -188,7 +189,7 @@ class _MapState:
                 batch = self._done.get(timeout=max(0.0, remaining))
             except queue.Empty:
                 self.close()
-                raise TimeoutError(
+                raise Timeout(
                     "map() did not produce its next result within timeout"
                 ) from None
         if batch.elapsed > 0.0:
