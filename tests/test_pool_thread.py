@@ -1466,3 +1466,31 @@ def test_a_failing_initializer_fails_a_running_map() -> None:
         with pytest.raises(conveyor.InitializerFailed) as info:
             list(pool.map(abs, range(100)))
         assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("submitters", [1, 4])
+def test_a_burst_on_a_cold_pool_gets_every_worker_thread(submitters: int) -> None:
+    # All 24 calls wait for each other: they end only if 24 threads run them at once, so the
+    # threads owed to the burst must all be started, whoever submits.
+    workers = 24
+    barrier = threading.Barrier(workers, timeout=WAIT)
+    with conveyor.Pool(workers=workers) as pool:
+        futures: list[cf.Future[int]] = []
+        lock = threading.Lock()
+
+        def submit_some(count: int) -> None:
+            for _ in range(count):
+                future = pool.submit(barrier.wait)
+                with lock:
+                    futures.append(future)
+
+        threads = [
+            threading.Thread(target=submit_some, args=(workers // submitters,))
+            for _ in range(submitters)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert sorted(f.result(WAIT) for f in futures) == list(range(workers))
+        assert pool.statistics().workers == workers
