@@ -36,8 +36,7 @@ from _process_funcs import WAIT, Channel, read_line, wait_gone
 
 import conveyor
 
-#: A per-call timeout long enough for any call that is not stuck, even on a loaded machine:
-#: the deadline also counts the start of a fresh worker (see the xfail test below).
+#: A per-call timeout long enough for any call that is not stuck, even on a loaded machine.
 TIMEOUT = 3.0
 
 # Python 3.12 warns when a multi-threaded process forks (the pool's dispatcher is a thread);
@@ -84,10 +83,7 @@ def assert_counts_add_up(stats: conveyor.PoolStatistics) -> None:
 
 
 def assert_runs_calls_side_by_side(pool: conveyor.Pool, started: Channel, release: Channel) -> None:
-    """The pool has all its workers: as many calls run at once (each waits for the others).
-
-    The calls are of a new function object each time: a function the pool measured to be fast
-    may be queued behind a running call of it (see the xfail test about that)."""
+    """The pool has all its workers: as many calls run at once (each waits for the others)."""
     call = partial(funcs.report_and_wait, started.path, release.path)
     futures = [pool.submit(call, i) for i in range(pool.workers)]
     try:
@@ -189,11 +185,6 @@ def test_an_idle_worker_killed_from_outside_is_replaced_without_a_failure(
     assert stats.completed == stats.submitted == 23
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a call of a function measured to be fast is queued behind a running call on a "
-    "busy worker while another worker is idle, and waits for it",
-)
 def test_a_call_never_waits_behind_a_running_call_while_a_worker_is_idle(
     started: Channel, release: Channel
 ) -> None:
@@ -321,11 +312,6 @@ def test_a_worker_that_ignores_sigterm_is_killed_at_its_timeout(
     assert (stats.completed, stats.failed, stats.timed_out) == (1, 1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a call's timeout counts the start-up and initializer of the worker it waits "
-    "for, so a call that has not run yet fails with TaskTimeout",
-)
 def test_a_timeout_counts_only_the_time_the_call_runs() -> None:
     # A worker whose initializer takes longer than the timeout (loading a model, say): the
     # call has not started when its deadline, counted from when it was sent, passes.
@@ -768,11 +754,6 @@ def test_workers_exit_when_the_pools_process_is_killed(method: str, tmp_path: Pa
     _orphan_check(method, 1, tmp_path, deadline=20.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with fork, a worker inherits the lifeline pipe of every other pool, so two "
-    "pools' workers can keep each other alive after the parent is SIGKILLed",
-)
 def test_workers_of_two_fork_pools_exit_when_the_pools_process_is_killed(
     tmp_path: Path,
 ) -> None:
@@ -798,12 +779,6 @@ _LEFT_OPEN_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: at exit the pool's weakref finalizer stops the backend without waiting and "
-    "takes it off the exit hook's list, so the dispatcher closes Process objects while "
-    "multiprocessing's exit handler joins them: 'ValueError: process object is closed'",
-)
 def test_a_pool_left_open_at_exit_stops_quietly(tmp_path: Path) -> None:
     # A race, so several runs: with eight workers each run shows the fault nineteen times in
     # twenty on this machine, idle or loaded.

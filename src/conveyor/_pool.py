@@ -267,6 +267,9 @@ class Pool(Executor):
         )
         # A pool dropped without shutdown still stops its workers.
         self._finalizer = weakref.finalize(self, self._backend.shutdown, False)
+        # At exit the backends' own hook stops every pool and waits for it; this one, run
+        # first, would stop it without waiting and race with multiprocessing's exit handler.
+        self._finalizer.atexit = False
 
     # -- submitting -------------------------------------------------------------------------
 

@@ -270,6 +270,7 @@ class ProcessBackend(Backend):
         # Shared with other threads: the inbox (deque operations are atomic) and the flags.
         self._inbox: collections.deque[Batch] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
+        self._pipes_closed = False
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._wake_sent = False
@@ -355,6 +356,19 @@ class ProcessBackend(Backend):
             )
             self._thread.start()
 
+    def _own_fds(self) -> list[int]:
+        """The pool-side pipe ends a forked worker must close: lifeline and wakeup."""
+        if self._pipes_closed:
+            return []
+        fds = [self._wake_r, self._wake_w]
+        lifeline = self._lifeline_w
+        if lifeline is not None:
+            try:
+                fds.append(lifeline.fileno())
+            except OSError:
+                pass  # closed meanwhile: that pool is gone
+        return fds
+
     def _wake(self) -> None:
         if self._wake_sent:
             return
@@ -365,6 +379,7 @@ class ProcessBackend(Backend):
             pass
 
     def _close_pipes(self) -> None:
+        self._pipes_closed = True  # before closing: their numbers may be reused at once
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -468,7 +483,12 @@ class ProcessBackend(Backend):
         if self._context.get_start_method() == "fork":
             # A forked child inherits our ends of every pipe; it must not keep the lifeline
             # open, or the lifeline could not tell it that we died.
-            close_fds = (self._lifeline_w.fileno(), self._wake_r, self._wake_w)
+            # So must the lifelines and wakeup pipes of every other pool in this process, or
+            # two pools' workers would keep each other's lifelines open.
+            keep = {child_end.fileno(), self._lifeline_r.fileno()}
+            close_fds = tuple(
+                fd for backend in list(_live) for fd in backend._own_fds() if fd not in keep
+            )
         context: Any = self._context  # typeshed's BaseContext lacks Process
         process = context.Process(
             target=_worker.main,
@@ -492,17 +512,20 @@ class ProcessBackend(Backend):
         Only a job measured to be short waits behind another: a long one queued behind a
         running job could sit there while another worker is idle.
         """
-        for proc in self._procs:
-            if proc.spare:
-                continue
-            while not proc.leaving and len(proc.jobs) < 2 and self._has_room(proc):
-                job = self._next_job()
-                if job is None:
-                    return
-                if proc.jobs and not (self._is_short(proc.jobs[0]) and self._is_short(job)):
-                    self._jobs.appendleft(job)
-                    break
-                self._send(proc, job)
+        # Every idle worker gets a job before any busy one gets a second: a call measured to
+        # be short may block this time, and nothing should wait behind it while a worker idles.
+        for depth in (1, 2):
+            for proc in self._procs:
+                if proc.spare:
+                    continue
+                while not proc.leaving and len(proc.jobs) < depth and self._has_room(proc):
+                    job = self._next_job()
+                    if job is None:
+                        return
+                    if proc.jobs and not (self._is_short(proc.jobs[0]) and self._is_short(job)):
+                        self._jobs.appendleft(job)
+                        break
+                    self._send(proc, job)
 
     def _is_trivial(self, job: _Job, fn_id: int) -> bool:
         """Whether ``job`` may run in the worker's fast loop: many calls, each measured to
@@ -591,7 +614,8 @@ class ProcessBackend(Backend):
         proc.sent += 1
         job.ordinal = proc.sent
         proc.done += len(indexes)
-        if batch.timeout is not None and not proc.jobs:
+        if batch.timeout is not None and not proc.jobs and proc.ready:
+            # A worker still starting sets the clock going when it is ready (see _handle).
             job.deadline = time.monotonic() + batch.timeout
         proc.jobs.append(job)
         try:
@@ -679,6 +703,9 @@ class ProcessBackend(Backend):
         elif kind == _worker.READY:
             proc.ready = True  # jobs were sent before this arrived; they wait in the pipe
             self._failed_starts = 0
+            head = proc.jobs[0] if proc.jobs else None
+            if head is not None and head.run.batch.timeout is not None and head.deadline is None:
+                head.deadline = time.monotonic() + head.run.batch.timeout
 
     def _measure(self, batch: Batch, calls: int, elapsed: float) -> None:
         entry = self._functions.get(id(batch.fn))
