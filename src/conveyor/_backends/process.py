@@ -519,12 +519,13 @@ class ProcessBackend(Backend):
                 if proc.spare:
                     continue
                 while not proc.leaving and len(proc.jobs) < depth and self._has_room(proc):
+                    # Look before taking: a batch taken has begun (its future runs, its
+                    # place under max_pending is freed), so take only what is sent now.
+                    if proc.jobs and not (self._is_short(proc.jobs[0]) and self._next_is_short()):
+                        break
                     job = self._next_job()
                     if job is None:
                         return
-                    if proc.jobs and not (self._is_short(proc.jobs[0]) and self._is_short(job)):
-                        self._jobs.appendleft(job)
-                        break
                     self._send(proc, job)
 
     def _is_trivial(self, job: _Job, fn_id: int) -> bool:
@@ -541,12 +542,24 @@ class ProcessBackend(Backend):
     def _is_short(self, job: _Job) -> bool:
         """Whether ``job`` is expected to run under ``PIPELINE_SECONDS`` (and has no deadline,
         which is counted from the moment it is sent)."""
-        batch = job.run.batch
+        return self._runs_short(job.run.batch, len(job.indexes))
+
+    def _next_is_short(self) -> bool:
+        """Whether the job ``_next_job`` would return is short (False if there is none)."""
+        if self._jobs:
+            return self._is_short(self._jobs[0])
+        try:
+            batch = self._inbox[0]
+        except IndexError:
+            return False
+        return self._runs_short(batch, len(batch))
+
+    def _runs_short(self, batch: Batch, calls: int) -> bool:
         if batch.timeout is not None:
             return False
         entry = self._functions.get(id(batch.fn))
         seconds = None if entry is None else self._call_seconds.get(entry[1])
-        return seconds is not None and seconds * len(job.indexes) < PIPELINE_SECONDS
+        return seconds is not None and seconds * calls < PIPELINE_SECONDS
 
     def _has_room(self, proc: _Proc) -> bool:
         return self._max_tasks is None or proc.done < self._max_tasks
