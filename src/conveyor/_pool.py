@@ -824,7 +824,7 @@ class Pool(Executor):
                 elif self._cancelling:
                     batch.errors[index] = CancelledError(
                         "the pool was terminated (or shut down with cancel_futures=True) "
-                        "before this call ran"
+                        "before this call could end"
                     )
                 else:
                     batch.errors[index] = BrokenPool(

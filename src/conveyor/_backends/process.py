@@ -972,7 +972,10 @@ class ProcessBackend(Backend):
         for proc in self._procs:
             while proc.jobs:
                 self._fail_job(proc.jobs.popleft(), NotRun)
-            if not proc.leaving:
+            if proc.kill_at is not None:
+                # Stopped at a deadline and still there after SIGTERM: no grace is left now.
+                self._signal(proc, signal.SIGKILL)
+            elif not proc.leaving:
                 proc.leaving = True
                 try:
                     proc.conn.send_bytes(_STOP)
