@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +390,9 @@ def wait_gone(pids: list[int] | set[int], timeout: float = WAIT) -> set[int]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def counting(source: Iterator[Any], pulled: list[Any]) -> Iterator[Any]:
+    for item in source:
+        pulled.append(item)
+        yield item

@@ -7,9 +7,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
+from _process_funcs import Channel
 
 faulthandler.enable(file=sys.stderr, all_threads=True)
 
@@ -71,3 +73,21 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         f"test left behind threads {[t.name for t in threads]} and child processes "
         f"{sorted(children)}"
     )
+
+
+# Fixtures of the process suites: named pipes through which a running call tells the test
+# that it started (``started``) and waits to be let go (``release``).
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[Channel]:
+    channel = Channel(tmp_path / "started")
+    yield channel
+    channel.close()
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> Iterator[Channel]:
+    channel = Channel(tmp_path / "release")
+    yield channel
+    channel.close()

@@ -13,15 +13,13 @@ import inspect
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import _process_funcs as funcs
 import pytest
-from _process_funcs import WAIT, Channel
+from _process_funcs import WAIT, Channel, counting
 
 import conveyor
 
@@ -36,26 +34,6 @@ BOTH = pytest.mark.parametrize(
 
 def forkserver() -> Any:
     return multiprocessing.get_context("forkserver")
-
-
-@pytest.fixture
-def started(tmp_path: Path) -> Iterator[Channel]:
-    channel = Channel(tmp_path / "started")
-    yield channel
-    channel.close()
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Channel]:
-    channel = Channel(tmp_path / "release")
-    yield channel
-    channel.close()
-
-
-def counting(source: Iterator[Any], pulled: list[Any]) -> Iterator[Any]:
-    for item in source:
-        pulled.append(item)
-        yield item
 
 
 # -- signature ------------------------------------------------------------------------------

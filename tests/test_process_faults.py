@@ -21,7 +21,6 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
@@ -52,20 +51,6 @@ def start_methods(*names: str) -> pytest.MarkDecorator:
 
 EVERY_METHOD = start_methods("fork", "forkserver", "spawn")
 FORKING = start_methods("fork", "forkserver")
-
-
-@pytest.fixture
-def started(tmp_path: Path) -> Iterator[Channel]:
-    channel = Channel(tmp_path / "started")
-    yield channel
-    channel.close()
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Channel]:
-    channel = Channel(tmp_path / "release")
-    yield channel
-    channel.close()
 
 
 def context(method: str) -> Any:

@@ -14,15 +14,13 @@ import itertools
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import _process_funcs as funcs
 import pytest
-from _process_funcs import WAIT, Channel, wait_gone
+from _process_funcs import WAIT, Channel, counting, wait_gone
 
 import conveyor
 
@@ -31,26 +29,6 @@ EVERY_METHOD = pytest.mark.parametrize(
     "method",
     [pytest.param("fork", marks=_FORK_OK), "forkserver", "spawn"],
 )
-
-
-@pytest.fixture
-def started(tmp_path: Path) -> Iterator[Channel]:
-    channel = Channel(tmp_path / "started")
-    yield channel
-    channel.close()
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Channel]:
-    channel = Channel(tmp_path / "release")
-    yield channel
-    channel.close()
-
-
-def counting(source: Iterator[Any], pulled: list[Any]) -> Iterator[Any]:
-    for item in source:
-        pulled.append(item)
-        yield item
 
 
 def _square(x: int) -> int:
