@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ __all__ = [
     "per_call",
     "rounds",
     "rss",
+    "run_cases",
     "table",
 ]
 
@@ -262,3 +264,18 @@ def cpu_note() -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return f"{cpus} CPUs usable, load average {load}"
+
+
+def run_cases(script: str, cases: dict[str, Callable[[], None]], machine_note: str = "") -> None:
+    """Run every case, or those named on the command line, after a heading line."""
+    import conveyor
+
+    unknown = [name for name in sys.argv[1:] if name not in cases]
+    if unknown:
+        sys.exit(f"unknown case {unknown[0]!r}; the cases are {', '.join(cases)}")
+    print(f"{script}: conveyor {conveyor.__version__}, Python {sys.version.split()[0]}")
+    print(f"   {cpu_note()}{machine_note}")
+    started = time.perf_counter()
+    for name in sys.argv[1:] or list(cases):
+        cases[name]()
+    print(f"\n   ran in {time.perf_counter() - started:.0f} s")

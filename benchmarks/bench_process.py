@@ -30,7 +30,6 @@ import collections
 import concurrent.futures as cf
 import multiprocessing
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,7 +38,6 @@ from typing import Any
 
 from _harness import (
     Timings,
-    cpu_note,
     floor,
     fmt_seconds,
     heading,
@@ -47,6 +45,7 @@ from _harness import (
     note,
     per_call,
     rounds,
+    run_cases,
     table,
 )
 from _work import CRASH_EVERY, array_sum, crash_every_20, echo, fib, inc, noop
@@ -824,15 +823,9 @@ CASES: dict[str, Callable[[], None]] = {
 
 def main() -> None:
     """Run every case, or those named on the command line (``map``, ``cpu``, ...)."""
-    unknown = [name for name in sys.argv[1:] if name not in CASES]
-    if unknown:
-        sys.exit(f"unknown case {unknown[0]!r}; the cases are {', '.join(CASES)}")
-    print(f"bench_process: conveyor {conveyor.__version__}, Python {sys.version.split()[0]}")
-    print(f"   {cpu_note()}; pools get {CPUS} workers unless a case says otherwise")
-    started = time.perf_counter()
-    for name in sys.argv[1:] or list(CASES):
-        CASES[name]()
-    print(f"\n   ran in {time.perf_counter() - started:.0f} s")
+    run_cases(
+        "bench_process", CASES, f"; pools get {CPUS} workers unless a case says otherwise"
+    )
 
 
 if __name__ == "__main__":

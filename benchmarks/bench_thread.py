@@ -26,7 +26,6 @@ import concurrent.futures as cf
 import inspect
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,6 @@ from typing import Any
 
 from _harness import (
     PeakRss,
-    cpu_note,
     floor,
     fmt_bytes,
     fmt_seconds,
@@ -44,6 +42,7 @@ from _harness import (
     note,
     per_call,
     rounds,
+    run_cases,
     table,
 )
 from _work import inc, noop
@@ -381,13 +380,7 @@ CASES: dict[str, Callable[[], None]] = {
 
 def main() -> None:
     """Run every case, or those named on the command line (``io``, ``map``, ...)."""
-    unknown = [name for name in sys.argv[1:] if name not in CASES]
-    if unknown:
-        sys.exit(f"unknown case {unknown[0]!r}; the cases are {', '.join(CASES)}")
-    print(f"bench_thread: conveyor {conveyor.__version__}, Python {sys.version.split()[0]}")
-    print(f"   {cpu_note()}")
-    for name in sys.argv[1:] or list(CASES):
-        CASES[name]()
+    run_cases("bench_thread", CASES)
 
 
 if __name__ == "__main__":
