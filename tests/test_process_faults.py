@@ -692,10 +692,7 @@ _ORPHAN_SCRIPT = textwrap.dedent(
         # the first pool replaces a worker while the second one exists
         assert isinstance(first.submit(os._exit, 9).exception(60), conveyor.WorkerCrashed)
         assert first.submit(os.getpid).result(60) != os.getpid()
-    workers = [
-        p.pid for p in multiprocessing.active_children() if p.name.startswith("conveyor-worker")
-    ]
-    print(" ".join(map(str, sorted(workers))), flush=True)
+    print("ready", flush=True)
     threading.Event().wait()
     """
 )
@@ -714,9 +711,11 @@ def _orphan_check(method: str, pools: int, tmp_path: Path, deadline: float) -> N
     try:
         assert parent.stdout is not None
         line = read_line(parent.stdout, WAIT)
-        pids = [int(pid) for pid in line.split()]
-        assert len(pids) >= 2 * pools, (line, stderr.read_text())
-        workers = [psutil.Process(pid) for pid in pids]
+        assert line.strip() == "ready", (line, stderr.read_text())
+        # Every process it started, however (workers, fork servers, ...), must go with it.
+        workers = psutil.Process(parent.pid).children(recursive=True)
+        pids = [worker.pid for worker in workers]
+        assert len(pids) >= 2 * pools, pids
         parent.kill()
         parent.wait(WAIT)
         # The promise is about 2 s; the bound here is generous: tests do not time things.

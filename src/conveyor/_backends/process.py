@@ -49,8 +49,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from .._errors import BrokenPool, PicklingFailed, TaskTimeout, UnpicklingFailed, WorkerCrashed
-from . import _wire, _worker
+from . import _forker, _wire, _worker
 from ._base import Backend, Batch, NotRun
+from ._forker import ForkedProcess, Forker
 
 __all__ = ["ProcessBackend", "default_context"]
 
@@ -199,7 +200,9 @@ class _Proc:
         "spare",
     )
 
-    def __init__(self, process: BaseProcess, conn: Connection, mark: Any) -> None:
+    def __init__(
+        self, process: BaseProcess | ForkedProcess, conn: Connection, mark: Any
+    ) -> None:
         self.process = process
         self.conn = conn
         # Shared with the worker: [ordinal of the job it is in, index of the call it is in].
@@ -292,6 +295,7 @@ class ProcessBackend(Backend):
         self._losses: collections.deque[float] = collections.deque()  # when workers were lost
         self._lifeline_r: Connection | None = None
         self._lifeline_w: Connection | None = None
+        self._forker: Forker | None = None  # where workers come from, if not multiprocessing
         self._poller: Any = None  # select.poll over the wakeup pipe, pipes and sentinels
         self._by_fd: dict[int, _Proc] = {}
         self._names = itertools.count()
@@ -367,6 +371,10 @@ class ProcessBackend(Backend):
                 fds.append(lifeline.fileno())
             except OSError:
                 pass  # closed meanwhile: that pool is gone
+        forker = self._forker
+        control = forker.fileno() if forker is not None else None
+        if control is not None:
+            fds.append(control)
         return fds
 
     def _wake(self) -> None:
@@ -391,6 +399,8 @@ class ProcessBackend(Backend):
     def _dispatch(self) -> None:
         try:
             self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
+            if _forker.available(self._context):
+                self._forker = Forker(self._context, self._lifeline_r, self._init_blob)
             self._poller = select.poll()
             self._poller.register(self._wake_r, select.POLLIN)
             for _ in range(self.workers):
@@ -438,6 +448,9 @@ class ProcessBackend(Backend):
             if proc is None or proc in dead:
                 continue
             if fd == proc.process.sentinel:
+                # A forked worker's status pipe brings its pid first, its exit status later.
+                if isinstance(proc.process, ForkedProcess) and not proc.process.read_status():
+                    continue
                 dead.append(proc)
             elif not self._receive(proc):
                 # The pipe closed: the process is exiting. Its exit status comes through the
@@ -477,6 +490,14 @@ class ProcessBackend(Backend):
         if self._broken or self._stopping:
             return
         parent_end, child_end = self._context.Pipe(duplex=True)
+        name = f"conveyor-worker-{next(self._names)}"
+        if self._forker is not None:
+            try:
+                forked, mark = self._forker.fork(name, child_end)
+            finally:
+                child_end.close()
+            self._add(_Proc(forked, parent_end, mark), spare)
+            return
         mark = self._context.RawArray("q", 2)
         assert self._lifeline_r is not None and self._lifeline_w is not None
         close_fds: tuple[int, ...] = ()
@@ -493,15 +514,17 @@ class ProcessBackend(Backend):
         process = context.Process(
             target=_worker.main,
             args=(child_end, self._lifeline_r, mark, self._init_blob, close_fds),
-            name=f"conveyor-worker-{next(self._names)}",
+            name=name,
             daemon=False,
         )
         process.start()
         child_end.close()
-        proc = _Proc(process, parent_end, mark)
+        self._add(_Proc(process, parent_end, mark), spare)
+
+    def _add(self, proc: _Proc, spare: bool) -> None:
         proc.spare = spare
         self._procs.append(proc)
-        for fd in (parent_end.fileno(), process.sentinel):
+        for fd in (proc.conn.fileno(), proc.process.sentinel):
             self._by_fd[fd] = proc
             self._poller.register(fd, select.POLLIN)
 
@@ -803,6 +826,9 @@ class ProcessBackend(Backend):
 
     def _bury(self, proc: _Proc) -> None:
         """``proc`` has exited: account for its jobs and replace it."""
+        if isinstance(proc.process, ForkedProcess) and proc.process.lost:
+            # Its forker died, and with it the news of this worker: it may still run.
+            self._signal(proc, signal.SIGKILL)
         # Outcomes it sent before dying are still in the pipe.
         try:
             while proc.jobs and proc.conn.poll():
@@ -950,6 +976,8 @@ class ProcessBackend(Backend):
 
     @staticmethod
     def _signal(proc: _Proc, signum: int) -> None:
+        if isinstance(proc.process, ForkedProcess) and proc.process.pid is None:
+            proc.process.read_status()  # the pid may be in the status pipe still
         pid = proc.process.pid
         if pid is None:
             return
@@ -991,6 +1019,8 @@ class ProcessBackend(Backend):
             _wire.forget_files_of(proc.process.pid or 0)
             proc.process.close()
         self._procs.clear()
+        if self._forker is not None:
+            self._forker.stop(timeout=STOP_GRACE)
         for end in (self._lifeline_r, self._lifeline_w):
             if end is not None:
                 end.close()

@@ -1,0 +1,369 @@
+"""A small fork server of one pool's own: its workers are forked from it in about a millisecond.
+
+``multiprocessing``'s fork server starts each child through its whole bootstrap (unpickling the
+process object, preparing ``__main__``, running after-fork hooks): measured here, 3 to 5 ms of
+CPU and about a thousand page faults per worker. A pool that loses workers (crashes, timeouts,
+``max_tasks_per_worker``) pays that for every replacement. So the pool starts one *forker*,
+itself a child of that fork server (so it has the worker's code and ``__main__`` imported, and
+the parent's ``sys.path`` and working directory), and asks it for workers; it forks each one
+straight into ``_worker.main``.
+
+Per worker, the pool sends the forker three file descriptors over a Unix socket: the worker's
+end of its pipe, a ``memfd`` holding the worker's ``mark``, and the write end of a *status
+pipe*. The forker writes the worker's pid into the status pipe as soon as it has forked, and
+its wait status when it has reaped it, then closes it: the pool polls the read end as the
+worker's sentinel. A worker's own children cannot hold the status pipe open, as they could a
+pipe that the worker itself held.
+
+The forker exits when the pool tells it to (or its control socket closes) and every worker it
+forked has been reaped. If it dies, every status pipe closes without a status: the pool then
+kills those workers (their pids are known) and starts another forker for the next worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from typing import Any
+
+__all__ = ["ForkedProcess", "Forker", "available"]
+
+_WORD = struct.Struct("q")
+_FORK = b"F"
+_QUIT = b"Q"
+_MAX_NAME = 200
+
+
+def available(context: BaseContext) -> bool:
+    """Whether workers of ``context`` can come from a forker (Linux's fork server)."""
+    return (
+        context.get_start_method() == "forkserver"
+        and hasattr(os, "memfd_create")
+        and hasattr(socket, "send_fds")
+    )
+
+
+class ForkedProcess:
+    """A worker forked by a forker, with the part of ``multiprocessing.Process``'s interface
+    the pool uses: ``pid``, ``sentinel``, ``exitcode``, ``join``, ``close``."""
+
+    def __init__(self, status: int, name: str) -> None:
+        self.sentinel = status
+        self.name = name
+        self.pid: int | None = None
+        self.exitcode: int | None = None
+        self.lost = False  # the status pipe closed without a status: the forker died
+        self._buffer = b""
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<ForkedProcess {self.name} pid={self.pid} exitcode={self.exitcode}>"
+
+    @property
+    def ended(self) -> bool:
+        """Its exit status has come, or never will."""
+        return self.exitcode is not None or self.lost
+
+    def read_status(self) -> bool:
+        """Read what the status pipe holds (call when it is readable); True once ended."""
+        if self._closed or self.ended:
+            return True
+        try:
+            data = os.read(self.sentinel, 64)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.lost = True
+            return True
+        self._buffer += data
+        while len(self._buffer) >= _WORD.size:
+            (word,) = _WORD.unpack_from(self._buffer)
+            self._buffer = self._buffer[_WORD.size :]
+            if self.pid is None:
+                self.pid = word
+            else:
+                self.exitcode = os.waitstatus_to_exitcode(word)
+        return self.ended
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until its exit status has come (or the forker is gone), at most ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.sentinel, select.POLLIN)
+        while not self._closed and not self.ended:
+            if deadline is None:
+                wait = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = left * 1000.0 + 1
+            if poller.poll(wait):
+                self.read_status()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.sentinel)
+
+
+class Forker:
+    """The pool's side of its forker: started on the first ``fork``, again if it dies."""
+
+    def __init__(self, context: BaseContext, lifeline: Connection, init_blob: bytes | None) -> None:
+        self._context = context
+        self._lifeline = lifeline
+        self._init_blob = init_blob
+        self._process: Any = None
+        self._control: socket.socket | None = None
+
+    def fileno(self) -> int | None:
+        """The pool's end of the control socket (forked children of the pool must close it)."""
+        control = self._control
+        if control is None:
+            return None
+        try:
+            return control.fileno()
+        except OSError:
+            return None
+
+    def fork(self, name: str, conn: Connection) -> tuple[ForkedProcess, memoryview]:
+        """Ask the forker for a worker that runs ``_worker.main`` on ``conn`` (the worker's
+        end, which the caller closes); returns it and its ``mark``."""
+        mark_fd = os.memfd_create("conveyor-mark", os.MFD_CLOEXEC)
+        status_r, status_w = os.pipe()
+        try:
+            os.ftruncate(mark_fd, 2 * _WORD.size)
+            mark = memoryview(mmap.mmap(mark_fd, 2 * _WORD.size)).cast("q")
+            request = _FORK + name.encode()[:_MAX_NAME]
+            fds = [conn.fileno(), mark_fd, status_w]
+            try:
+                self._send(request, fds)
+            except OSError:
+                # The forker died since the last worker: start another.
+                self._forget()
+                self._send(request, fds)
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(mark_fd)
+            os.close(status_w)
+        os.set_blocking(status_r, False)
+        return ForkedProcess(status_r, name), mark
+
+    def _send(self, request: bytes, fds: list[int]) -> None:
+        if self._control is None:
+            self._start()
+        assert self._control is not None
+        socket.send_fds(self._control, [request], fds)
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            context: Any = self._context
+            process = context.Process(
+                target=serve,
+                args=(theirs, self._lifeline, self._init_blob),
+                name="conveyor-forker",
+                daemon=False,
+            )
+            process.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._process = process
+        self._control = ours
+
+    def _forget(self) -> None:
+        """Let go of a forker that died."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            self._process.join(timeout=1.0)
+            self._process = None
+
+    def stop(self, timeout: float) -> None:
+        """Tell the forker to exit once its workers are gone, and wait for it."""
+        control, process = self._control, self._process
+        self._control = self._process = None
+        if control is not None:
+            try:
+                control.send(_QUIT)
+            except OSError:
+                pass
+            control.close()
+        if process is not None:
+            process.join(timeout=timeout)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+            process.close()
+
+
+# -- in the forker process --------------------------------------------------------------------
+
+
+def serve(control: socket.socket, lifeline: Connection, init_blob: bytes | None) -> None:
+    """The forker's loop: fork a worker per request, report each one's pid and exit status."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, _ignore)
+    statuses: dict[int, int] = {}  # pid -> write end of its status pipe
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    from . import _worker  # imported before freezing, so that workers share it
+
+    del _worker
+    # Objects the forker holds now are never collected in the workers: the collector would
+    # otherwise write to every page they are on, copying the whole heap into each worker.
+    gc.freeze()
+    quitting = False
+    while not (quitting and not statuses):
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == wake_r:
+                _drain(wake_r)
+            elif not quitting:
+                try:
+                    message, fds, _, _ = socket.recv_fds(control, _MAX_NAME + 1, 3)
+                except OSError:
+                    message, fds = b"", []
+                if message[:1] == _FORK and len(fds) == 3:
+                    pid = _fork(
+                        message[1:].decode(errors="replace"),
+                        fds,
+                        lifeline,
+                        init_blob,
+                        control,
+                        (wake_r, wake_w),
+                        statuses,
+                    )
+                    if pid:
+                        statuses[pid] = fds[2]
+                        _write(fds[2], pid)
+                    for fd_ in fds[:2]:
+                        os.close(fd_)
+                else:
+                    for fd_ in fds:
+                        os.close(fd_)
+                    quitting = True
+                    poller.unregister(control)
+                    control.close()
+        _reap(statuses)
+    sys.exit(0)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:
+        pass
+
+
+def _write(fd: int, word: int) -> None:
+    try:
+        os.write(fd, _WORD.pack(word))
+    except OSError:
+        pass  # the pool is gone
+
+
+def _reap(statuses: dict[int, int]) -> None:
+    while statuses:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = statuses.pop(pid, None)
+        if fd is not None:
+            _write(fd, status)
+            os.close(fd)
+
+
+def _fork(
+    name: str,
+    fds: list[int],
+    lifeline: Connection,
+    init_blob: bytes | None,
+    control: socket.socket,
+    wake: tuple[int, int],
+    statuses: dict[int, int],
+) -> int:
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(fds[2])  # the pool sees the status pipe close: the worker never started
+        return 0
+    if pid:
+        return pid
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        control.close()
+        for fd in (*wake, fds[2], *statuses.values()):
+            os.close(fd)
+        code = _run_worker(name, fds[0], fds[1], lifeline, init_blob)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _run_worker(
+    name: str, conn_fd: int, mark_fd: int, lifeline: Connection, init_blob: bytes | None
+) -> int:
+    """In a newly forked worker: become a ``multiprocessing`` child named ``name``, then run
+    the worker's loop."""
+    from multiprocessing import process, util
+
+    from . import _worker
+
+    process.current_process().name = name
+    process._children = set()  # type: ignore[attr-defined]
+    util._finalizer_registry.clear()  # type: ignore[attr-defined]
+    util._run_after_forkers()  # type: ignore[attr-defined]
+    mark = mmap.mmap(mark_fd, 2 * _WORD.size)
+    os.close(mark_fd)
+    conn = Connection(conn_fd)
+    try:
+        _worker.main(conn, lifeline, mark, init_blob, ())
+    finally:
+        util._exit_function()  # type: ignore[attr-defined]
+    return 0
