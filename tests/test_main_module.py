@@ -59,16 +59,16 @@ MAIN_WITH_SIDE_EFFECT = textwrap.dedent(
     """
     import os, sys
     import conveyor
+    from beside import square   # a module in the script's directory, not the current one
 
     with open(sys.argv[1], "a") as runs:   # the top level of this script, run once more
         runs.write(f"{os.getpid()}\\n")     # in every process that imports it
 
-    def square(x):
-        return x * x
-
     if __name__ == "__main__":
-        with conveyor.Pool("process", 2, max_tasks_per_worker=1) as pool:
-            print(sum(pool.map(square, range(8))))
+        for _ in range(3):
+            with conveyor.Pool("process", 2, max_tasks_per_worker=1) as pool:
+                total = sum(pool.map(square, range(8)))
+        print(total)
     """
 )
 
@@ -76,14 +76,21 @@ MAIN_WITH_SIDE_EFFECT = textwrap.dedent(
 def test_the_main_script_runs_once_in_the_fork_server_not_in_every_worker(
     tmp_path: pathlib.Path,
 ) -> None:
-    script = tmp_path / "main_script.py"
+    app = tmp_path / "app"
+    app.mkdir()
+    script = app / "main_script.py"
     script.write_text(MAIN_WITH_SIDE_EFFECT)
+    (app / "beside.py").write_text("def square(x):\n    return x * x\n")
     runs = tmp_path / "runs"
     done = subprocess.run(
-        [sys.executable, str(script), str(runs)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(sum(x * x for x in range(8)))
-    # Eight workers ran one call each (max_tasks_per_worker=1); the script's top level ran in
-    # the parent and once in the fork server they were forked from.
-    assert len(runs.read_text().split()) == 2
+    # Three pools of eight workers ran one call each (max_tasks_per_worker=1); the script's
+    # top level ran in the parent and once in the fork server, which all of them came from.
+    assert len(runs.read_text().split()) == 2, done.stderr

@@ -80,7 +80,7 @@ def _preload_parent_main(spec: str) -> None:
     from multiprocessing import process, spawn
 
     try:
-        kind, target, argv = json.loads(spec)
+        kind, target, argv, path = json.loads(spec)
     except ValueError:
         return
     main = sys.modules.get("__main__")
@@ -88,6 +88,11 @@ def _preload_parent_main(spec: str) -> None:
         return  # this Python preloaded it already
     if kind == "name" and getattr(getattr(main, "__spec__", None), "name", None) == target:
         return
+    # Python 3.11 and older never give the server the parent's sys.path either: without it,
+    # a script importing a module beside it fails here, and then runs in every child.
+    for entry in reversed(path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
     saved_argv = sys.argv
     sys.argv = list(argv)
     current: Any = process.current_process()

@@ -132,9 +132,9 @@ def _start_fork_server(main_is_a_file: bool) -> None:
         _fork_server_started = True
         data = spawn.get_preparation_data("conveyor")
         if "init_main_from_name" in data:
-            spec = ["name", data["init_main_from_name"], sys.argv]
+            spec = ["name", data["init_main_from_name"], sys.argv, sys.path]
         elif "init_main_from_path" in data and main_is_a_file:
-            spec = ["path", data["init_main_from_path"], sys.argv]
+            spec = ["path", data["init_main_from_path"], sys.argv, sys.path]
         else:
             return
         os.environ[_worker.MAIN_ENV] = json.dumps(spec)
