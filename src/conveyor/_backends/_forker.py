@@ -15,9 +15,15 @@ its wait status when it has reaped it, then closes it: the pool polls the read e
 worker's sentinel. A worker's own children cannot hold the status pipe open, as they could a
 pipe that the worker itself held.
 
-The forker exits when the pool tells it to (or its control socket closes) and every worker it
-forked has been reaped. If it dies, every status pipe closes without a status: the pool then
-kills those workers (their pids are known) and starts another forker for the next worker.
+Each worker asks the kernel to SIGKILL it when the forker dies (``PR_SET_PDEATHSIG``), and the
+forker exits at once when its control socket closes without a goodbye, that is when the pool's
+process has died: so no worker outlives the pool's process, and none needs a thread of its own
+to watch for that (starting one cost a worker more than half a millisecond). Where the kernel
+call is missing, workers watch the pool's lifeline pipe instead.
+
+When the pool says goodbye, the forker exits once every worker it forked has been reaped. If it
+dies, every status pipe closes without a status (and its workers die with it): the pool kills
+those workers by pid, in case, and starts another forker for the next worker.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -227,6 +234,7 @@ def serve(control: socket.socket, lifeline: Connection, init_blob: bytes | None)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, _ignore)
     statuses: dict[int, int] = {}  # pid -> write end of its status pipe
+    die_with_forker = _parent_death_setter()
     poller = select.poll()
     poller.register(control, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -255,6 +263,7 @@ def serve(control: socket.socket, lifeline: Connection, init_blob: bytes | None)
                         message[1:].decode(errors="replace"),
                         fds,
                         lifeline,
+                        die_with_forker,
                         init_blob,
                         control,
                         (wake_r, wake_w),
@@ -268,11 +277,31 @@ def serve(control: socket.socket, lifeline: Connection, init_blob: bytes | None)
                 else:
                     for fd_ in fds:
                         os.close(fd_)
+                    if message[:1] != _QUIT:
+                        # No goodbye: the pool's process is gone. Our workers die with us.
+                        sys.exit(0)
                     quitting = True
                     poller.unregister(control)
                     control.close()
         _reap(statuses)
     sys.exit(0)
+
+
+def _parent_death_setter() -> Callable[[], bool] | None:
+    """A function that makes the calling process get SIGKILL when its parent dies (Linux's
+    ``prctl(PR_SET_PDEATHSIG)``), or None where there is no such call."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def die_with_parent() -> bool:
+        return bool(prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0)
+
+    return die_with_parent
 
 
 def _ignore(signum: int, frame: Any) -> None:
@@ -312,11 +341,13 @@ def _fork(
     name: str,
     fds: list[int],
     lifeline: Connection,
+    die_with_forker: Callable[[], bool] | None,
     init_blob: bytes | None,
     control: socket.socket,
     wake: tuple[int, int],
     statuses: dict[int, int],
 ) -> int:
+    forker = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -331,7 +362,12 @@ def _fork(
         control.close()
         for fd in (*wake, fds[2], *statuses.values()):
             os.close(fd)
-        code = _run_worker(name, fds[0], fds[1], lifeline, init_blob)
+        watch: Connection | None = lifeline
+        if die_with_forker is not None and die_with_forker():
+            if os.getppid() != forker:
+                os._exit(70)  # the forker died before we asked
+            watch = None
+        code = _run_worker(name, fds[0], fds[1], watch, init_blob)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -347,7 +383,7 @@ def _fork(
 
 
 def _run_worker(
-    name: str, conn_fd: int, mark_fd: int, lifeline: Connection, init_blob: bytes | None
+    name: str, conn_fd: int, mark_fd: int, lifeline: Connection | None, init_blob: bytes | None
 ) -> int:
     """In a newly forked worker: become a ``multiprocessing`` child named ``name``, then run
     the worker's loop."""

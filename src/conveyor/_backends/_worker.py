@@ -10,7 +10,8 @@ bulk. If the worker dies, only results younger than that interval can be lost; t
 again elsewhere.
 
 The worker exits when the pool closes its pipe, when told to stop, or when the pool's process
-dies: a thread watches ``lifeline``, a pipe whose other end only the pool holds.
+dies: a thread watches ``lifeline``, a pipe whose other end only the pool holds (a worker
+forked by ``_forker`` needs no thread: the kernel kills it when its forker dies).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _watch_lifeline(lifeline: Connection) -> None:
 
 def main(
     conn: Connection,
-    lifeline: Connection,
+    lifeline: Connection | None,
     mark: Any,
     init_blob: bytes | None,
     close_fds: tuple[int, ...],
@@ -178,7 +179,8 @@ def main(
             os.close(fd)
         except OSError:
             pass
-    threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+    if lifeline is not None:  # None: the kernel kills us with our parent (see _forker)
+        threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     mark = memoryview(mark).cast("B").cast("q")  # faster to write than the ctypes array
     send = conn.send_bytes
     if init_blob is not None:
