@@ -16,7 +16,6 @@ A message is one of::
 
 from __future__ import annotations
 
-import glob
 import io
 import itertools
 import mmap
@@ -184,7 +183,15 @@ def forget_files(names: Any) -> None:
 
 def forget_files_of(pid: int) -> None:
     """Unlink every shared-memory file a (dead) process created and nobody received."""
-    forget_files(glob.glob(_prefix(pid) + "*"))
+    if not _HAS_SHM:
+        return
+    prefix = os.path.basename(_prefix(pid))
+    try:
+        with os.scandir(_SHM_DIR) as entries:
+            names = [entry.path for entry in entries if entry.name.startswith(prefix)]
+    except OSError:
+        return
+    forget_files(names)
 
 
 def _write_file(data: memoryview) -> tuple[str, int]:

@@ -194,6 +194,7 @@ class _Proc:
         "known",
         "leaving",
         "mark",
+        "pending",
         "process",
         "ready",
         "sent",
@@ -207,6 +208,10 @@ class _Proc:
         self.conn = conn
         # Shared with the worker: [ordinal of the job it is in, index of the call it is in].
         self.mark = mark
+        # Whether its pipe has data, asked without blocking: Connection.poll() builds a
+        # selector for every question, which costs more than reading a small message.
+        self.pending = select.poll()
+        self.pending.register(conn.fileno(), select.POLLIN)
         self.jobs: collections.deque[_Job] = collections.deque()  # sent; the first runs
         self.sent = 0  # jobs sent so far
         self.known: set[int] = set()  # function ids this worker has cached
@@ -690,11 +695,8 @@ class ProcessBackend(Backend):
                 self._unreadable_results(proc, exc)
             else:
                 self._handle(proc, message)
-            try:
-                if not conn.poll():
-                    return True
-            except (EOFError, OSError):
-                return False
+            if not proc.pending.poll(0):
+                return True
 
     def _handle(self, proc: _Proc, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -831,7 +833,7 @@ class ProcessBackend(Backend):
             self._signal(proc, signal.SIGKILL)
         # Outcomes it sent before dying are still in the pipe.
         try:
-            while proc.jobs and proc.conn.poll():
+            while proc.jobs and proc.pending.poll(0):
                 if not self._receive(proc):
                     break
         except (EOFError, OSError):
