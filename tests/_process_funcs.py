@@ -230,6 +230,18 @@ def crash_first_time(marker: str, value: Any) -> Any:
     os._exit(9)
 
 
+def double_or_crash_once(x: int, bad: int, marker: str) -> int:
+    """``2 * x``; but the first call with ``x == bad`` kills its worker (creating ``marker``)."""
+    if x == bad:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return 2 * x
+        os.close(fd)
+        os._exit(9)
+    return 2 * x
+
+
 def increment_trivially(x: int) -> int:
     return x + 1
 

@@ -8,8 +8,11 @@ of the test still holds. Few examples: every crash costs a worker start.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import tempfile
 import threading
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import _process_funcs as funcs
@@ -144,3 +147,26 @@ def test_maps_on_processes_equal_the_builtin_map(
         assert pool.starmap(funcs.add, [(x, x) for x in xs], chunksize) == expected
         stats = pool.statistics()
     assert stats.completed == stats.submitted == 4 * len(xs)
+
+
+@examples
+@given(
+    start=st.integers(min_value=-20, max_value=20),
+    length=st.integers(min_value=0, max_value=80),
+    step=st.sampled_from([1, 2, -1, -3]),
+    bad=st.integers(min_value=-30, max_value=100),
+    chunksize=st.none() | st.integers(min_value=1, max_value=10),
+)
+def test_a_map_over_a_range_with_a_crash_reruns_the_right_calls(
+    start: int, length: int, step: int, bad: int, chunksize: int | None
+) -> None:
+    # Batches of a range travel as ranges; a crash splits them into reruns, which must run
+    # exactly the calls that were lost, with their own arguments.
+    inputs = range(start, start + step * length, step)
+    with tempfile.TemporaryDirectory() as scratch:
+        marker = os.path.join(scratch, "crashed")
+        with conveyor.Pool("process", 2, retries=1) as pool:
+            call = partial(funcs.double_or_crash_once, bad=bad, marker=marker)
+            results = list(pool.map(call, inputs, chunksize=chunksize))
+        assert os.path.exists(marker) == (bad in inputs)
+    assert results == [2 * x for x in inputs]

@@ -238,3 +238,27 @@ def test_statistics_add_up_after_maps_left_early(
     assert sum(ran.values()) == stats.completed + stats.failed
     assert stats.failed == sum(count for x, count in ran.items() if x in failing)
     assert stats.busy == stats.pending == 0
+
+
+ranges = st.builds(
+    range,
+    st.integers(min_value=-50, max_value=50),
+    st.integers(min_value=-50, max_value=200),
+    st.integers(min_value=1, max_value=7) | st.integers(min_value=-7, max_value=-1),
+)
+
+
+@examples
+@given(inputs=ranges, workers=worker_counts, chunksize=chunksizes, buffersize=buffersizes)
+def test_a_map_over_a_range_equals_the_builtin_map(
+    inputs: range, workers: int, chunksize: int | None, buffersize: int | None
+) -> None:
+    # A range is cut into ranges, not read item by item: the results must not show it.
+    with conveyor.Pool(workers=workers) as pool:
+        expected = list(map(scramble, inputs))
+        assert list(pool.map(scramble, inputs, chunksize=chunksize, buffersize=buffersize)) == (
+            expected
+        )
+        assert list(pool.imap(scramble, inputs, chunksize, buffersize=buffersize)) == expected
+        unordered = pool.imap_unordered(scramble, inputs, chunksize, buffersize=buffersize)
+        assert sorted(unordered) == sorted(expected)

@@ -11,7 +11,7 @@ import itertools
 import queue
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._backends._base import Batch
@@ -31,7 +31,7 @@ DEFAULT_WINDOW_ITEMS = 65536
 def map_results(
     pool: Pool,
     fn: Callable[..., R],
-    inputs: Iterator[Any],
+    inputs: Iterator[Any] | range,
     *,
     star: bool,
     ordered: bool,
@@ -101,7 +101,7 @@ class _MapState:
         self,
         pool: Pool,
         fn: Callable[..., Any],
-        inputs: Iterator[Any],
+        inputs: Iterator[Any] | range,
         star: bool,
         ordered: bool,
         timeout: float | None,
@@ -111,7 +111,10 @@ class _MapState:
     ) -> None:
         self._pool = pool
         self._fn = fn
-        self._inputs = inputs
+        # A range is cut into ranges (see Pool's _source); anything else is read item by item.
+        self._range = inputs if isinstance(inputs, range) else None
+        self._taken = 0  # items of the range handed out so far
+        self._inputs: Iterator[Any] = iter(()) if isinstance(inputs, range) else inputs
         self._star = star
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -130,6 +133,10 @@ class _MapState:
         self._size_cap = max(1, int(min(MAX_BATCH, self._max_items / max(1, workers))))
         self._target = pool._backend.batch_seconds
         self._per_item: float | None = None  # measured seconds per call
+        # Decaying sums of measured seconds and calls: each batch counts by its calls, so
+        # that one call's start-up cost does not keep batches small for long.
+        self._measured_seconds = 0.0
+        self._measured_calls = 0.0
         self._done: queue.SimpleQueue[Batch] = queue.SimpleQueue()
         self._inflight: dict[int, Batch] = {}  # submitted, not yet consumed
         self._ready: dict[int, Batch] = {}  # ordered mode: done, waiting for its turn
@@ -193,9 +200,9 @@ class _MapState:
                     "map() did not produce its next result within timeout"
                 ) from None
         if batch.elapsed > 0.0:
-            per_item = batch.elapsed / len(batch)
-            old = self._per_item
-            self._per_item = per_item if old is None else 0.5 * (old + per_item)
+            self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
+            self._measured_calls = 0.5 * self._measured_calls + len(batch)
+            self._per_item = self._measured_seconds / self._measured_calls
             self._fill()
         return batch
 
@@ -224,15 +231,21 @@ class _MapState:
             size = self._batch_size()
             if self._max_items != float("inf"):
                 size = max(1, min(size, int(self._max_items - self._items)))
-            # extend() keeps the items pulled before the input raised: they still run.
-            args: list[Any] = []
-            try:
-                args.extend(itertools.islice(self._inputs, size))
-            except BaseException as exc:
-                # Raised once the results before it are yielded, as a loop over the input
-                # would have raised it.
-                self.input_error = exc
-                self._exhausted = True
+            args: Sequence[Any]
+            if self._range is not None:
+                args = self._range[self._taken : self._taken + size]
+                self._taken += len(args)
+            else:
+                # extend() keeps the items pulled before the input raised: they still run.
+                pulled: list[Any] = []
+                args = pulled
+                try:
+                    pulled.extend(itertools.islice(self._inputs, size))
+                except BaseException as exc:
+                    # Raised once the results before it are yielded, as a loop over the
+                    # input would have raised it.
+                    self.input_error = exc
+                    self._exhausted = True
             if not args:
                 self._exhausted = True
                 return

@@ -135,6 +135,12 @@ def _check_timeout(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be >= 0 seconds or None, got {value!r}")
 
 
+def _source(iterable: Iterable[Any]) -> Iterator[Any] | range:
+    """What a map reads its input from: a ``range`` as it is (its batches travel as ranges,
+    which cost nothing to build or pickle, however long), anything else as an iterator."""
+    return iterable if type(iterable) is range else iter(iterable)
+
+
 def _check_callable(fn: object, name: str = "fn") -> None:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__} {fn!r}")
@@ -373,7 +379,7 @@ class Pool(Executor):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if len(iterables) == 1:
-            inputs: Iterator[Any] = iter(iterables[0])
+            inputs: Iterator[Any] | range = _source(iterables[0])
             star = False
         else:
             inputs = zip(*iterables)  # noqa: B905 - the stdlib's map stops at the shortest
@@ -416,7 +422,7 @@ class Pool(Executor):
         results = map_results(
             self,
             fn,
-            iter(iterable),
+            _source(iterable),
             star=False,
             ordered=True,
             timeout=None,
@@ -450,7 +456,7 @@ class Pool(Executor):
         results = map_results(
             self,
             fn,
-            iter(iterable),
+            _source(iterable),
             star=False,
             ordered=False,
             timeout=None,

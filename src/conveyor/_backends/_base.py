@@ -23,7 +23,7 @@ The contract, for every backend:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 __all__ = ["Backend", "Batch", "NotRun"]
@@ -70,7 +70,7 @@ class Batch:
         self,
         host: Any,
         fn: Callable[..., Any],
-        args: list[Any],
+        args: Sequence[Any],
         kwargs: dict[str, Any] | None = None,
         timeout: float | None = None,
         star: bool = True,

@@ -23,6 +23,7 @@ import os
 import pickle
 import secrets
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
@@ -137,7 +138,7 @@ def _wrap(item: Any) -> Any:
     return item
 
 
-def wrap_big_bytes(items: list[Any]) -> list[Any]:
+def wrap_big_bytes(items: Sequence[Any]) -> Sequence[Any]:
     """``items`` with every large ``bytes`` (alone or in a tuple) marked to go out of band.
 
     Only short lists are looked at: large data comes in few items, and a long list of small

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -235,7 +235,7 @@ class _Job:
 
     def __init__(
         self,
-        args: list[Any],
+        args: Sequence[Any],
         call: Callable[[Any], Any],
         mark: Any,
         send: Callable[[bytes], None],

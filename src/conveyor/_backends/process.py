@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -638,8 +638,11 @@ class ProcessBackend(Backend):
             self._fail_job(job, lambda: _pickling_failed("function", problem))
             return
         indexes = job.indexes
+        args: Sequence[Any]
         if isinstance(indexes, range) and len(indexes) == len(batch):
             args = batch.args
+        elif isinstance(indexes, range) and indexes.step == 1:
+            args = batch.args[indexes.start : indexes.stop]
         else:
             args = [batch.args[i] for i in indexes]
         try:
