@@ -315,6 +315,17 @@ def _map_case() -> None:
             check=lambda name, result: _check(name, result == expected),
             budget=MAP_BUDGET,
         )
+        listed = list(range(MAP_ITEMS))
+        as_list = rounds(
+            [
+                (p.name, partial(p.map, inc, listed))
+                for p in peers
+                if isinstance(p, (ConveyorPeer, MultiprocessingPeer))
+            ],
+            MAP_ROUNDS,
+            check=lambda name, result: _check(name, result == expected),
+            budget=MAP_BUDGET,
+        )
         lazy: list[tuple[str, Callable[[], object]]] = [
             (f"{p.name}.imap_unordered", partial(_lazy, p.imap_unordered))
             for p in peers
@@ -346,6 +357,24 @@ def _map_case() -> None:
     _failures(ordered)
     note("default chunksize everywhere: the stdlib executor, loky and pebble send one call per")
     note("message; a contender slower than the rest runs fewer rounds")
+    print()
+    list_base = as_list[MP_POOL].median
+    table(
+        ["map(inc, <list of 100,000 ints>)", "median", "best", "rounds", "items/s", "vs mp.Pool"],
+        [
+            _cells(
+                t,
+                fmt_seconds(t.median),
+                fmt_seconds(t.best),
+                str(len(t.times)),
+                f"{MAP_ITEMS / t.median:,.0f}",
+                f"{_ratio(list_base, t.median):.2f}x",
+            )
+            for t in as_list.values()
+        ],
+    )
+    _failures(as_list)
+    note("conveyor sends the batches of a range as ranges; a list's items are pickled one by one")
     print()
     mine = unordered[f"{CONVEYOR}.imap_unordered"].median
     mpire = unordered["mpire.WorkerPool.imap_unordered"].median

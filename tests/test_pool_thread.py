@@ -1494,3 +1494,34 @@ def test_a_burst_on_a_cold_pool_gets_every_worker_thread(submitters: int) -> Non
             thread.join(WAIT)
         assert sorted(f.result(WAIT) for f in futures) == list(range(workers))
         assert pool.statistics().workers == workers
+
+
+def _triple(x: int) -> int:
+    return 3 * x
+
+
+def test_a_map_of_a_function_measured_before_starts_with_full_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conveyor import _map
+
+    sizes: list[int] = []
+    real = _map.Batch
+
+    class Spy(real):  # type: ignore[misc,valid-type]
+        __slots__ = ()
+
+        def __init__(self, host: Any, fn: Any, args: Any, *rest: Any) -> None:
+            sizes.append(len(args))
+            super().__init__(host, fn, args, *rest)
+
+    monkeypatch.setattr(_map, "Batch", Spy)
+    with conveyor.Pool(workers=2) as pool:
+        assert list(pool.map(_triple, range(3000))) == [3 * x for x in range(3000)]
+        assert sizes[0] == 1  # unknown: probed with one call first
+        sizes.clear()
+        assert list(pool.map(_triple, range(3000))) == [3 * x for x in range(3000)]
+        assert sizes[0] > 1  # known from the first map
+        sizes.clear()
+        assert list(pool.map(abs, range(3000))) == list(range(3000))
+        assert sizes[0] == 1

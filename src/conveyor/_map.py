@@ -24,6 +24,8 @@ R = TypeVar("R")
 
 #: Largest batch the sizer builds on its own; an explicit ``chunksize`` may be larger.
 MAX_BATCH = 4096
+#: Functions whose measured call time a pool remembers for its next maps.
+REMEMBERED_FUNCTIONS = 64
 #: Items a map keeps in flight when the caller sets no ``buffersize``.
 DEFAULT_WINDOW_ITEMS = 65536
 
@@ -137,6 +139,10 @@ class _MapState:
         # that one call's start-up cost does not keep batches small for long.
         self._measured_seconds = 0.0
         self._measured_calls = 0.0
+        known = pool._call_costs.get(id(fn))
+        if known is not None and known[0] is fn:
+            self._per_item = self._measured_seconds = known[1]
+            self._measured_calls = 1.0
         self._done: queue.SimpleQueue[Batch] = queue.SimpleQueue()
         self._inflight: dict[int, Batch] = {}  # submitted, not yet consumed
         self._ready: dict[int, Batch] = {}  # ordered mode: done, waiting for its turn
@@ -203,6 +209,10 @@ class _MapState:
             self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
             self._measured_calls = 0.5 * self._measured_calls + len(batch)
             self._per_item = self._measured_seconds / self._measured_calls
+            costs = self._pool._call_costs
+            if len(costs) >= REMEMBERED_FUNCTIONS:
+                costs.clear()
+            costs[id(self._fn)] = (self._fn, self._per_item)
             self._fill()
         return batch
 

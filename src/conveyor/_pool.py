@@ -245,6 +245,9 @@ class Pool(Executor):
                 raise TypeError(f"retry_on must hold exception classes, got {cls!r}")
         self._workers = workers if workers is not None else backend_cls.default_workers()
         self._timeout = timeout
+        # Seconds per call that maps measured, by id(fn) (with fn, to tell a reused id): a new
+        # map of a known function sizes its first batches from it instead of probing.
+        self._call_costs: dict[int, tuple[Any, float]] = {}
         self._retries = retries
         self._retry_on = retry_classes
         self._max_pending = max_pending
