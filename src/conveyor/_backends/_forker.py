@@ -128,8 +128,11 @@ class ForkedProcess:
 class Forker:
     """The pool's side of its forker: started on the first ``fork``, again if it dies."""
 
-    def __init__(self, context: BaseContext, lifeline: Connection, init_blob: bytes | None) -> None:
+    def __init__(
+        self, context: BaseContext, lifeline: Connection, init_blob: bytes | None, spin: bool
+    ) -> None:
         self._context = context
+        self._spin = spin
         self._lifeline = lifeline
         self._init_blob = init_blob
         self._process: Any = None
@@ -182,7 +185,7 @@ class Forker:
             context: Any = self._context
             process = context.Process(
                 target=serve,
-                args=(theirs, self._lifeline, self._init_blob),
+                args=(theirs, self._lifeline, self._init_blob, self._spin),
                 name="conveyor-forker",
                 daemon=False,
             )
@@ -225,7 +228,9 @@ class Forker:
 # -- in the forker process --------------------------------------------------------------------
 
 
-def serve(control: socket.socket, lifeline: Connection, init_blob: bytes | None) -> None:
+def serve(
+    control: socket.socket, lifeline: Connection, init_blob: bytes | None, spin: bool
+) -> None:
     """The forker's loop: fork a worker per request, report each one's pid and exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()
@@ -265,6 +270,7 @@ def serve(control: socket.socket, lifeline: Connection, init_blob: bytes | None)
                         lifeline,
                         die_with_forker,
                         init_blob,
+                        spin,
                         control,
                         (wake_r, wake_w),
                         statuses,
@@ -343,6 +349,7 @@ def _fork(
     lifeline: Connection,
     die_with_forker: Callable[[], bool] | None,
     init_blob: bytes | None,
+    spin: bool,
     control: socket.socket,
     wake: tuple[int, int],
     statuses: dict[int, int],
@@ -367,7 +374,7 @@ def _fork(
             if os.getppid() != forker:
                 os._exit(70)  # the forker died before we asked
             watch = None
-        code = _run_worker(name, fds[0], fds[1], watch, init_blob)
+        code = _run_worker(name, fds[0], fds[1], watch, init_blob, spin)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -383,7 +390,12 @@ def _fork(
 
 
 def _run_worker(
-    name: str, conn_fd: int, mark_fd: int, lifeline: Connection | None, init_blob: bytes | None
+    name: str,
+    conn_fd: int,
+    mark_fd: int,
+    lifeline: Connection | None,
+    init_blob: bytes | None,
+    spin: bool,
 ) -> int:
     """In a newly forked worker: become a ``multiprocessing`` child named ``name``, then run
     the worker's loop."""
@@ -399,7 +411,7 @@ def _run_worker(
     os.close(mark_fd)
     conn = Connection(conn_fd)
     try:
-        _worker.main(conn, lifeline, mark, init_blob, ())
+        _worker.main(conn, lifeline, mark, init_blob, (), spin)
     finally:
         util._exit_function()  # type: ignore[attr-defined]
     return 0

@@ -409,7 +409,9 @@ class ProcessBackend(Backend):
         try:
             self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
             if _forker.available(self._context):
-                self._forker = Forker(self._context, self._lifeline_r, self._init_blob)
+                self._forker = Forker(
+                    self._context, self._lifeline_r, self._init_blob, self._workers_may_spin()
+                )
             self._poller = select.poll()
             self._poller.register(self._wake_r, select.POLLIN)
             for _ in range(self.workers):
@@ -485,6 +487,11 @@ class ProcessBackend(Backend):
         self._enforce_deadlines()
         return False
 
+    def _workers_may_spin(self) -> bool:
+        """Whether idle workers may wait for work awake (see _worker.SPIN_SECONDS): only
+        when each can have a CPU of its own."""
+        return self.workers <= self._cpus
+
     def _expects_soon(self) -> bool:
         """Whether a running job is measured to end within ``SPIN_SECONDS``, and a CPU is
         free to wait for it on (each busy worker takes one; waiting awake takes another)."""
@@ -550,7 +557,14 @@ class ProcessBackend(Backend):
         context: Any = self._context  # typeshed's BaseContext lacks Process
         process = context.Process(
             target=_worker.main,
-            args=(child_end, self._lifeline_r, mark, self._init_blob, close_fds),
+            args=(
+                child_end,
+                self._lifeline_r,
+                mark,
+                self._init_blob,
+                close_fds,
+                self._workers_may_spin(),
+            ),
             name=name,
             daemon=False,
         )
