@@ -245,7 +245,6 @@ def serve(
     poller.register(wake_r, select.POLLIN)
     from . import _worker  # imported before freezing, so that workers share it
 
-    del _worker
     # Objects the forker holds now are never collected in the workers: the collector would
     # otherwise write to every page they are on, copying the whole heap into each worker.
     gc.freeze()
@@ -285,6 +284,7 @@ def serve(
                         os.close(fd_)
                     if message[:1] != _QUIT:
                         # No goodbye: the pool's process is gone. Our workers die with us.
+                        _worker.clean_up_after_pool()
                         sys.exit(0)
                     quitting = True
                     poller.unregister(control)

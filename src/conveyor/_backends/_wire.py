@@ -8,10 +8,17 @@ travel out of band: the sender writes each into a file in ``/dev/shm`` (the one 
 receiver maps that file and unpickles straight from the mapping (no copy), then unlinks it so
 the memory goes away with the last reference. Where ``/dev/shm`` is missing they stay in band.
 
+The pool sends its jobs' buffers through ``Segments`` instead: files it keeps and writes again
+for later jobs, so that sending a buffer is one copy into memory already there (making the
+file's pages anew each time cost as much as the copy, and more when memory is busy). The
+worker maps them for the job, then tells the pool of any it could not let go (the call kept a
+reference to its argument): those the pool never writes again.
+
 A message is one of::
 
     b"\\x00" + pickle            everything in band
     b"\\x01" + pickle((files, pickle))   with out-of-band buffers in ``files``
+    b"\\x02" + pickle((files, pickle))   the same, in the sender's segments (never unlinked)
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ def main_is_a_file() -> bool:
 _MAIN_IMPORTABLE = main_is_a_file()
 _INBAND = b"\x00"
 _OUTBAND = b"\x01"
+_SEGMENTS = b"\x02"
+#: Bytes of unused segments a pool keeps for later jobs; beyond that, the oldest go.
+SEGMENTS_KEPT = 256 << 20
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _prefix(pid: int) -> str:
@@ -65,8 +76,11 @@ def dumps_function(fn: Any) -> bytes:
     return _INBAND + by_value
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj`` into one message; raises what pickle and cloudpickle both raise."""
+def dumps(obj: Any, segments: Segments | None = None) -> bytes:
+    """Pickle ``obj`` into one message; raises what pickle and cloudpickle both raise.
+
+    With ``segments``, large buffers are written into them; the names used are in
+    ``segments.last``."""
     big: list[pickle.PickleBuffer] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -96,6 +110,16 @@ def dumps(obj: Any) -> bytes:
     if not big:
         return _INBAND + data
     files: list[tuple[str, int]] = []
+    if segments is not None:
+        try:
+            for buffer in big:
+                files.append(segments.write(buffer.raw()))
+        except OSError:
+            segments.release([name for name, _ in files])
+        else:
+            segments.last = [name for name, _ in files]
+            return _SEGMENTS + pickle.dumps((files, data), protocol=5)
+        files = []
     try:
         for buffer in big:
             files.append(_write_file(buffer.raw()))
@@ -150,13 +174,24 @@ def wrap_big_bytes(items: Sequence[Any]) -> Sequence[Any]:
     return wrapped if any(a is not b for a, b in zip(wrapped, items, strict=True)) else items
 
 
-def loads(message: bytes | bytearray | memoryview) -> Any:
-    """Rebuild an object from ``dumps``' message."""
+def loads(
+    message: bytes | bytearray | memoryview, mapped: list[tuple[str, Any]] | None = None
+) -> Any:
+    """Rebuild an object from ``dumps``' message. The mappings of the sender's segments are
+    appended to ``mapped`` (see ``let_go``); without it, they are not expected."""
     view = memoryview(message)
-    if view[:1] == _INBAND:
+    kind = view[:1]
+    if kind == _INBAND:
         return pickle.loads(view[1:])
     files, data = pickle.loads(view[1:])
     buffers: list[Any] = []
+    if kind == _SEGMENTS:
+        for name, size in files:
+            mapping = _map_file(name, size)
+            buffers.append(mapping)
+            if mapped is not None and size:
+                mapped.append((name, mapping))
+        return pickle.loads(data, buffers=buffers)
     try:
         for name, size in files:
             buffers.append(_map_file(name, size))
@@ -165,8 +200,104 @@ def loads(message: bytes | bytearray | memoryview) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
+def let_go(mapped: list[tuple[str, Any]]) -> list[str]:
+    """Unmap the sender's segments; returns the names of those still in use here (an object
+    made from the message is still alive), which the sender must not write again."""
+    kept = []
+    for name, mapping in mapped:
+        try:
+            mapping.close()
+        except BufferError:
+            kept.append(name)
+    mapped.clear()
+    return kept
+
+
+class Segments:
+    """Files in ``/dev/shm`` that one sender writes buffers into, again and again.
+
+    A segment is in use from ``write`` until ``release`` (the receiver is done with it: it
+    is kept for another buffer) or ``discard`` (it may still be read: it is unlinked and
+    forgotten). Only the thread that owns the pool's workers uses it.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[tuple[str, mmap.mmap]] = []  # oldest first
+        self._free_bytes = 0
+        self._used: dict[str, mmap.mmap] = {}
+        self.last: list[str] = []  # the segments the last dumps() wrote into
+
+    def write(self, data: memoryview) -> tuple[str, int]:
+        size = data.nbytes
+        flat = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        chosen = None
+        for position, (_, mapping) in enumerate(self._free):
+            # The smallest free segment that fits, if it is not much too big.
+            if size <= len(mapping) <= 2 * size and (
+                chosen is None or len(mapping) < len(self._free[chosen][1])
+            ):
+                chosen = position
+        if chosen is not None:
+            name, mapping = self._free.pop(chosen)
+            self._free_bytes -= len(mapping)
+        else:
+            name, mapping = self._make(size)
+        self._used[name] = mapping
+        mapping[:size] = flat
+        return name, size
+
+    def _make(self, size: int) -> tuple[str, mmap.mmap]:
+        capacity = max(BIG, -(-size // BIG) * BIG)  # whole mebibytes
+        name = f"{_prefix(os.getpid())}s{next(_names)}-{secrets.token_hex(4)}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, capacity)
+            return name, mmap.mmap(fd, capacity)
+        except BaseException:
+            forget_files([name])
+            raise
+        finally:
+            os.close(fd)
+
+    def release(self, names: list[str]) -> None:
+        """The receiver is done with these: keep them for later buffers."""
+        for name in names:
+            mapping = self._used.pop(name, None)
+            if mapping is None:
+                continue
+            self._free.append((name, mapping))
+            self._free_bytes += len(mapping)
+        while self._free_bytes > SEGMENTS_KEPT:
+            name, mapping = self._free.pop(0)
+            self._free_bytes -= len(mapping)
+            _drop(name, mapping)
+
+    def discard(self, names: list[str]) -> None:
+        """These may still be read: never write them again."""
+        for name in names:
+            mapping = self._used.pop(name, None)
+            if mapping is not None:
+                _drop(name, mapping)
+
+    def close(self) -> None:
+        for name, mapping in [*self._free, *self._used.items()]:
+            _drop(name, mapping)
+        self._free.clear()
+        self._used.clear()
+        self._free_bytes = 0
+
+
+def _drop(name: str, mapping: mmap.mmap) -> None:
+    forget_files([name])
+    try:
+        mapping.close()
+    except BufferError:
+        pass  # a memoryview of it lives on: the mapping goes with it
+
+
 def files_of(message: bytes) -> list[str]:
-    """The shared-memory files a message refers to (to unlink if it is never received)."""
+    """The shared-memory files a message refers to (to unlink if it is never received);
+    not the sender's segments."""
     if message[:1] != _OUTBAND:
         return []
     files, _ = pickle.loads(memoryview(message)[1:])
@@ -217,6 +348,7 @@ def _map_file(name: str, size: int) -> Any:
         return bytearray()
     fd = os.open(name, os.O_RDWR)
     try:
-        return mmap.mmap(fd, size)
+        # Populated: the pages are mapped in one go instead of one fault at a time.
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
     finally:
         os.close(fd)

@@ -40,6 +40,7 @@ READY = 10  # (READY, pid)
 RESULTS = 11  # (RESULTS, first, values, errors, finished, elapsed)
 UNREADABLE = 12  # (UNREADABLE, error): the job could not be unpickled
 INIT_FAILED = 13  # (INIT_FAILED, error)
+KEPT = 14  # (KEPT, names): the job's segments still in use here (see _wire.Segments)
 
 FLUSH_SECONDS = 0.001
 #: A worker whose last job came within this many seconds of the one before waits for the next
@@ -165,8 +166,18 @@ def _watch_lifeline(lifeline: Connection) -> None:
         lifeline.recv_bytes()
     except BaseException:
         pass
-    # The pool's process is gone: nobody wants our results.
+    # The pool's process is gone: nobody wants our results, nor its shared memory.
+    clean_up_after_pool()
     os._exit(70)
+
+
+def clean_up_after_pool() -> None:
+    """Unlink the shared-memory files of the pool's process, which died without doing so."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        _wire.forget_files_of(parent.pid)
 
 
 def main(
@@ -186,8 +197,10 @@ def main(
             os.close(fd)
         except OSError:
             pass
+    watcher = None
     if lifeline is not None:  # None: the kernel kills us with our parent (see _forker)
-        threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
+        watcher = threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True)
+        watcher.start()
     mark = memoryview(mark).cast("B").cast("q")  # faster to write than the ctypes array
     send = conn.send_bytes
     if init_blob is not None:
@@ -212,6 +225,11 @@ def main(
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
+            # The pool closes our pipe only after telling us to stop: its process is gone.
+            # Let the watcher clean up after it (which ends this process) rather than exit
+            # first; if the pool is alive after all, go after a moment.
+            if watcher is not None:
+                watcher.join(timeout=1.0)
             return
         awake = spin and clock() - idle_since < SPIN_SECONDS
         kind = data[0]  # the pool puts the kind of message in front of its pickle
@@ -234,18 +252,43 @@ def _run(
     # running call in a careful job, and -(first index of the running chunk) - 2 in a fast one.
     mark[1] = -1
     mark[0] += 1
+    job = _prepare(data, functions, mark, send)
+    if job is not None:
+        job.run()
+
+
+def _prepare(
+    data: memoryview,
+    functions: dict[int, Callable[..., Any]],
+    mark: Any,
+    send: Callable[[bytes], None],
+) -> _Job | None:
+    """The job in ``data``, or None if it cannot be unpickled (the pool is told why). Its
+    arguments are referenced by the job alone once this returns (see ``_Job.let_go``)."""
+    mapped: list[tuple[str, Any]] = []
     try:
-        fn_id, fn_blob, star, kwargs, fast, args = _wire.loads(data)
+        fn_id, fn_blob, star, kwargs, fast, args = _wire.loads(data, mapped)
         if fn_blob is not None:
             functions[fn_id] = _wire.loads(fn_blob)
         fn = functions[fn_id]
     except BaseException as exc:
-        send(_wire.dumps((UNREADABLE, pack_error(exc))))
-        return
+        error = pack_error(exc)
+        del exc
+        _let_go(mapped, send)
+        send(_wire.dumps((UNREADABLE, error)))
+        return None
     if kwargs:
         fn = functools.partial(fn, **kwargs)
     call = _unpacking(fn) if star else fn
-    _Job(args, call, mark, send, fast).run()
+    return _Job(args, call, mark, send, fast, mapped)
+
+
+def _let_go(mapped: list[tuple[str, Any]], send: Callable[[bytes], None]) -> None:
+    """Unmap a job's segments, telling the pool which are still in use."""
+    if mapped:
+        kept = _wire.let_go(mapped)
+        if kept:
+            send(_wire.dumps((KEPT, kept)))
 
 
 class _Job:
@@ -258,9 +301,11 @@ class _Job:
         mark: Any,
         send: Callable[[bytes], None],
         fast: bool,
+        mapped: list[tuple[str, Any]],
     ) -> None:
         self.args = args
         self.call = call
+        self.mapped = mapped
         self.mark = mark
         self.send = send
         self.fast = fast
@@ -321,9 +366,19 @@ class _Job:
                 done += failed - before + 1
 
     def _flush(self, finished: bool, elapsed: float) -> None:
-        _send_results(self.send, self.first, self.values, self.errors, finished, elapsed)
+        data = _pack_results(self.first, self.values, self.errors, finished, elapsed)
         self.values = []
         self.errors = {}
+        if finished and self.mapped:
+            # Drop our references to the arguments first: only the call's own can remain.
+            self.args = ()
+            self.call = _ended
+            _let_go(self.mapped, self.send)
+        self.send(data)
+
+
+def _ended(arg: Any) -> Any:
+    raise RuntimeError("this job has ended")
 
 
 def _unpacking(fn: Callable[..., Any]) -> Callable[[tuple[Any, ...]], Any]:
@@ -333,14 +388,13 @@ def _unpacking(fn: Callable[..., Any]) -> Callable[[tuple[Any, ...]], Any]:
     return call
 
 
-def _send_results(
-    send: Callable[[bytes], None],
+def _pack_results(
     first: int,
     values: list[Any],
     errors: dict[int, tuple[BaseException, str]],
     finished: bool,
     elapsed: float,
-) -> None:
+) -> bytes:
     try:
         data = _wire.dumps(
             (RESULTS, first, _wire.wrap_big_bytes(values), errors, finished, elapsed)
@@ -362,7 +416,7 @@ def _send_results(
                 )
                 errors[index] = (failure, "")
         data = _wire.dumps((RESULTS, first, values, errors, finished, elapsed))
-    send(data)
+    return data
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -171,7 +171,16 @@ class _Run:
 class _Job:
     """Some calls of one batch, sent to one worker as one message."""
 
-    __slots__ = ("careful", "deadline", "files", "indexes", "ordinal", "received", "run")
+    __slots__ = (
+        "careful",
+        "deadline",
+        "files",
+        "indexes",
+        "ordinal",
+        "received",
+        "run",
+        "segments",
+    )
 
     def __init__(self, run: _Run, indexes: range | list[int], careful: bool = False) -> None:
         self.run = run
@@ -182,6 +191,7 @@ class _Job:
         self.received = 0  # how many of them have an outcome
         self.deadline: float | None = None
         self.files: list[str] = []  # shared-memory files of the sent message
+        self.segments: list[str] = []  # the pool's segments it was sent in (see _wire)
         self.ordinal = 0  # this job's number among those sent to its worker
         run.open_jobs += 1
 
@@ -192,6 +202,7 @@ class _Proc:
     __slots__ = (
         "conn",
         "done",
+        "held",
         "jobs",
         "kill_at",
         "known",
@@ -216,6 +227,7 @@ class _Proc:
         self.pending = select.poll()
         self.pending.register(conn.fileno(), select.POLLIN)
         self.jobs: collections.deque[_Job] = collections.deque()  # sent; the first runs
+        self.held: list[str] = []  # segments it may still use, freed when it is gone
         self.sent = 0  # jobs sent so far
         self.known: set[int] = set()  # function ids this worker has cached
         self.done = 0  # calls sent, for max_tasks_per_worker
@@ -292,6 +304,7 @@ class ProcessBackend(Backend):
         self._closed = False
         # Owned by the dispatcher thread alone.
         self._procs: list[_Proc] = []
+        self._segments = _wire.Segments()  # where jobs' large buffers travel
         self._cpus = ProcessBackend.default_workers()
         self._jobs: collections.deque[_Job] = collections.deque()  # reruns, ahead of inbox
         self._functions: collections.OrderedDict[int, tuple[Any, int, bytes]] = (
@@ -694,13 +707,17 @@ class ProcessBackend(Backend):
         try:
             args = _wire.wrap_big_bytes(args)
             fast = self._is_trivial(job, fn_id)
-            payload = _wire.dumps((fn_id, fn_blob, batch.star, batch.kwargs, fast, args))
+            self._segments.last = []
+            payload = _wire.dumps(
+                (fn_id, fn_blob, batch.star, batch.kwargs, fast, args), self._segments
+            )
         except Exception:
             if fn_blob is not None:
                 proc.known.discard(fn_id)
             self._split_unpicklable(job)
             return
         job.files = _wire.files_of(payload)
+        job.segments = self._segments.last
         proc.sent += 1
         job.ordinal = proc.sent
         proc.done += len(indexes)
@@ -719,9 +736,8 @@ class ProcessBackend(Backend):
         good: list[int] = []
         for index in job.indexes:
             try:
-                _wire.dumps(batch.args[index])
-                if batch.kwargs:
-                    _wire.dumps(batch.kwargs)
+                for part in (batch.args[index], batch.kwargs):
+                    _wire.forget_files(_wire.files_of(_wire.dumps(part)))
             except Exception as exc:
                 batch.fail(index, _pickling_failed("arguments", exc))
             else:
@@ -779,6 +795,9 @@ class ProcessBackend(Backend):
             proc.known.clear()
             if proc.jobs:
                 self._unreadable_job(proc.jobs.popleft(), _worker.unpack_error(message[1]))
+        elif kind == _worker.KEPT:
+            # A call kept a reference to its argument: its segment is its own from now on.
+            self._segments.discard(message[1])
         elif kind == _worker.INIT_FAILED:
             error = _worker.unpack_error(message[1])
             with self._start_lock:
@@ -825,6 +844,7 @@ class ProcessBackend(Backend):
         if not proc.jobs:
             return
         job = proc.jobs.popleft()
+        self._hold(proc, job)
         for later in reversed(proc.jobs):
             self._requeue(later)
         proc.jobs.clear()
@@ -849,10 +869,19 @@ class ProcessBackend(Backend):
 
     def _close_job(self, job: _Job) -> None:
         _wire.forget_files(job.files)
+        self._segments.release(job.segments)
         run = job.run
         run.open_jobs -= 1
         if run.open_jobs == 0:
             run.batch.finish()
+
+    @staticmethod
+    def _hold(proc: _Proc, job: _Job) -> None:
+        """``proc`` runs on, for now, without ``job`` and the jobs queued behind it: the
+        segments they were sent in are not written again before it is gone."""
+        for sent in (job, *proc.jobs):
+            proc.held += sent.segments
+            sent.segments = []
 
     def _retire(self, proc: _Proc, kill: bool = False) -> None:
         """Stop ``proc`` (it has done its share, or cannot be trusted) and start another."""
@@ -898,6 +927,7 @@ class ProcessBackend(Backend):
                 pass
         proc.conn.close()
         _wire.forget_files_of(proc.process.pid or 0)
+        self._segments.release(proc.held)
         if not proc.ready and not proc.leaving:
             # It died before it could take work: no call is to blame.
             for job in reversed(proc.jobs):
@@ -985,6 +1015,7 @@ class ProcessBackend(Backend):
             batch = job.run.batch
             assert batch.timeout is not None
             proc.jobs.popleft()
+            self._hold(proc, job)
             for later in reversed(proc.jobs):
                 self._requeue(later)
             proc.jobs.clear()
@@ -1070,6 +1101,7 @@ class ProcessBackend(Backend):
             _wire.forget_files_of(proc.process.pid or 0)
             proc.process.close()
         self._procs.clear()
+        self._segments.close()
         if self._forker is not None:
             self._forker.stop(timeout=STOP_GRACE)
         for end in (self._lifeline_r, self._lifeline_w):

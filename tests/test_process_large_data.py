@@ -1,0 +1,131 @@
+"""Large arguments travel through shared-memory segments that the pool writes again and again:
+a segment is reused only once no worker can read it any more."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import _process_funcs as funcs
+import numpy as np
+import psutil
+import pytest
+from _process_funcs import WAIT, Channel, read_line, wait_gone
+
+import conveyor
+
+TIMEOUT = 3.0
+_kept: list[Any] = []
+
+
+def keep_and_sum(array: Any) -> float:
+    """Keep a reference to the argument (in this worker) and return its sum."""
+    _kept.append(array)
+    return float(array.sum())
+
+
+def sums_of_kept() -> list[float]:
+    return [float(array.sum()) for array in _kept]
+
+
+def fill_and_sum(array: Any) -> float:
+    """Write into the argument (the worker's view of it), then sum it."""
+    array[:] = 1.0
+    return float(array.sum())
+
+
+def total(array: Any) -> float:
+    return float(array.sum())
+
+
+def segments_of(pid: int) -> list[str]:
+    return glob.glob(f"/dev/shm/conveyor-{pid}-*")
+
+
+def _arrays(count: int, seed: int = 3) -> list[Any]:
+    rng = np.random.default_rng(seed)
+    return [rng.random(1 << 18) for _ in range(count)]  # 2 MiB each
+
+
+def test_an_argument_a_call_keeps_is_never_overwritten_by_later_calls() -> None:
+    first, *others = _arrays(12)
+    with conveyor.Pool("process", 1) as pool:
+        assert pool.submit(keep_and_sum, first).result(WAIT) == pytest.approx(first.sum())
+        assert list(pool.map(total, others)) == pytest.approx([a.sum() for a in others])
+        # The worker's kept array still holds the first array's data.
+        assert pool.submit(sums_of_kept).result(WAIT) == pytest.approx([first.sum()])
+
+
+def test_segments_are_reused_and_gone_after_shutdown() -> None:
+    arrays = _arrays(40)
+    with conveyor.Pool("process", 2) as pool:
+        for array in arrays:  # one at a time: each segment is free again for the next
+            assert pool.submit(total, array).result(WAIT) == pytest.approx(array.sum())
+        assert len(segments_of(os.getpid())) <= 4
+        # a call writing into its argument changes neither the caller's array nor later calls
+        assert pool.submit(fill_and_sum, arrays[0]).result(WAIT) == arrays[0].size
+        assert arrays[0].sum() != arrays[0].size
+        assert pool.submit(total, arrays[1]).result(WAIT) == pytest.approx(arrays[1].sum())
+    assert segments_of(os.getpid()) == []
+
+
+def test_a_timed_out_call_keeps_its_segment_until_its_worker_is_gone(started: Channel) -> None:
+    first, second = _arrays(2)
+    with conveyor.Pool("process", 1, timeout=TIMEOUT) as pool:
+        stuck = pool.submit(funcs.report_and_hang, started.path)
+        queued = pool.submit(total, first)
+        (pid,) = started.read_pids(1)
+        assert isinstance(stuck.exception(WAIT), conveyor.TaskTimeout)
+        assert queued.result(WAIT) == pytest.approx(first.sum())
+        assert pool.submit(total, second).result(WAIT) == pytest.approx(second.sum())
+        assert not wait_gone([pid])
+    assert segments_of(os.getpid()) == []
+
+
+_KILLED_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys, threading
+    import numpy as np
+    import conveyor
+
+    def total(array):
+        return float(array.sum())
+
+    if __name__ == "__main__":
+        context = multiprocessing.get_context(sys.argv[1])
+        pool = conveyor.Pool("process", 2, mp_context=context)
+        arrays = [np.ones(1 << 18) * i for i in range(6)]
+        assert list(pool.map(total, arrays)) == [float(a.sum()) for a in arrays]
+        print("ready", flush=True)
+        threading.Event().wait()
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_the_segments_of_a_killed_pools_process_are_removed(method: str, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(_KILLED_SCRIPT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), method], stdout=subprocess.PIPE, cwd=tmp_path
+    )
+    try:
+        assert parent.stdout is not None
+        assert read_line(parent.stdout, WAIT).strip() == "ready"
+        assert segments_of(parent.pid)  # kept for the next calls
+        # What cleans up after it (its forker, or each worker) does so before it exits.
+        descendants = [p.pid for p in psutil.Process(parent.pid).children(recursive=True)]
+        parent.kill()
+        parent.wait(WAIT)
+        assert not wait_gone(descendants)
+        assert segments_of(parent.pid) == []
+    finally:
+        parent.kill()
+        parent.wait(WAIT)
+        if parent.stdout is not None:
+            parent.stdout.close()
