@@ -451,11 +451,6 @@ def test_a_result_that_cannot_be_unpickled_fails_its_call() -> None:
     assert (stats.completed, stats.failed) == (4, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a result or exception the pool cannot unpickle fails every other call of "
-    "its batch (those whose outcomes travelled in the same message) with UnpicklingFailed",
-)
 @pytest.mark.parametrize("fn", [funcs.unbuildable_on, funcs.raise_two_argument_error_on])
 def test_a_result_that_cannot_be_unpickled_fails_only_its_own_call_in_a_batch(
     fn: Any,
@@ -468,6 +463,54 @@ def test_a_result_that_cannot_be_unpickled_fails_only_its_own_call_in_a_batch(
         stats = pool.statistics()
     assert (stats.completed, stats.failed) == (9, 1)
     assert seen == [0, 1, 2, 3, 4]
+
+
+#: What the pool unpickled of ``Recorded`` results: (x, the mean of its data).
+RECORDED: list[tuple[int, float]] = []
+
+
+class Recorded:
+    """A result holding an array of ``size`` floats (of 1 MiB or more, it travels out of
+    band) that notes, in the process unpickling it, what it holds; with ``refuse``, its state
+    is refused there."""
+
+    def __init__(self, x: int, refuse: bool, size: int) -> None:
+        self.x = x
+        self.refuse = refuse
+        self.data = np.full(size, x, dtype=np.float64)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state["refuse"]:
+            raise LookupError("this result refuses to be unpickled")
+        self.__dict__.update(state)
+        RECORDED.append((self.x, float(self.data.mean())))
+
+
+def _recorded_refusing_at(x: int, bad: int, size: int) -> Recorded:
+    return Recorded(x, x == bad, size)
+
+
+@pytest.mark.parametrize("size", [4, 1 << 17], ids=["in-band", "out-of-band"])
+@pytest.mark.parametrize("bad", [0, 2])
+def test_results_sent_with_one_that_cannot_be_unpickled_keep_what_they_share_with_it(
+    bad: int, size: int
+) -> None:
+    # At 0, the failing result is the first to carry the class, its attribute names and the
+    # arrays' dtype: the others refer back to them. Large arrays come in their own buffers.
+    RECORDED.clear()
+    with conveyor.Pool("process", 1) as pool:
+        seen: list[int] = []
+        with pytest.raises(conveyor.UnpicklingFailed) as caught:
+            for value in pool.map(
+                _recorded_refusing_at, range(5), [bad] * 5, [size] * 5, chunksize=5
+            ):
+                seen.append(value.x)
+        stats = pool.statistics()
+    assert isinstance(caught.value.__cause__, LookupError)
+    assert seen == list(range(bad))
+    assert (stats.completed, stats.failed) == (4, 1)
+    # Those before the failing one may be unpickled twice (whole, then one by one).
+    assert set(RECORDED) == {(x, float(x)) for x in range(5) if x != bad}
 
 
 @pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt])

@@ -37,7 +37,7 @@ STOP = 1  # STOP
 FORGET = 2  # FORGET: drop cached functions
 # Messages, worker -> pool; each is about the oldest job not finished yet.
 READY = 10  # (READY, pid)
-RESULTS = 11  # (RESULTS, first, values, errors, finished, elapsed)
+RESULTS = 11  # (RESULTS, first, errors, finished, elapsed, values): values last, see _wire
 UNREADABLE = 12  # (UNREADABLE, error): the job could not be unpickled
 INIT_FAILED = 13  # (INIT_FAILED, error)
 KEPT = 14  # (KEPT, names): the job's segments still in use here (see _wire.Segments)
@@ -137,12 +137,13 @@ class RemoteTraceback(Exception):
         return self.text
 
 
-def pack_error(error: BaseException) -> tuple[BaseException, str]:
-    """An exception and its formatted traceback, made safe to pickle."""
+def pack_error(error: BaseException) -> tuple[bytes, str]:
+    """An exception, pickled on its own (so that if the pool cannot unpickle it, only its
+    call fails), and its formatted traceback."""
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     error.__traceback__ = None
     try:
-        _wire.dumps(error)
+        return _wire.dumps(error), text
     except BaseException as problem:
         from .._errors import PicklingFailed
 
@@ -150,13 +151,25 @@ def pack_error(error: BaseException) -> tuple[BaseException, str]:
             f"the call raised {type(error).__qualname__}: {error!r}, which cannot be "
             f"pickled back to the pool ({type(problem).__name__}: {problem})"
         )
-        return substitute, text
-    return error, text
+        return _wire.dumps(substitute), text
 
 
-def unpack_error(packed: tuple[BaseException, str]) -> BaseException:
-    """The exception sent by a worker, with the remote traceback as its cause."""
-    error, text = packed
+def unpack_error(packed: tuple[bytes, str]) -> BaseException:
+    """The exception sent by a worker, with the remote traceback as its cause; if it cannot
+    be unpickled here, an ``UnpicklingFailed`` caused by the reason."""
+    blob, text = packed
+    try:
+        error: BaseException = _wire.loads(blob)
+    except BaseException as problem:
+        from .._errors import UnpicklingFailed
+
+        lines = text.strip().splitlines()
+        failure = UnpicklingFailed(
+            f"the exception raised in the worker ({lines[-1] if lines else 'unknown'}) "
+            f"could not be unpickled in the pool: {type(problem).__name__}: {problem}"
+        )
+        failure.__cause__ = problem
+        return failure
     error.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
     return error
 
@@ -310,7 +323,7 @@ class _Job:
         self.send = send
         self.fast = fast
         self.values: list[Any] = []
-        self.errors: dict[int, tuple[BaseException, str]] = {}
+        self.errors: dict[int, tuple[bytes, str]] = {}
         self.first = 0  # job index of values[0]
 
     def run(self) -> None:
@@ -391,13 +404,13 @@ def _unpacking(fn: Callable[..., Any]) -> Callable[[tuple[Any, ...]], Any]:
 def _pack_results(
     first: int,
     values: list[Any],
-    errors: dict[int, tuple[BaseException, str]],
+    errors: dict[int, tuple[bytes, str]],
     finished: bool,
     elapsed: float,
 ) -> bytes:
     try:
         data = _wire.dumps(
-            (RESULTS, first, _wire.wrap_big_bytes(values), errors, finished, elapsed)
+            (RESULTS, first, errors, finished, elapsed, _wire.wrap_big_bytes(values))
         )
     except BaseException:
         # Find the results that cannot travel and fail their calls instead.
@@ -414,8 +427,8 @@ def _pack_results(
                     f"the call's result {type(value).__qualname__} cannot be pickled back "
                     f"to the pool: {type(problem).__name__}: {problem}"
                 )
-                errors[index] = (failure, "")
-        data = _wire.dumps((RESULTS, first, values, errors, finished, elapsed))
+                errors[index] = (_wire.dumps(failure), "")
+        data = _wire.dumps((RESULTS, first, errors, finished, elapsed, values))
     return data
 
 

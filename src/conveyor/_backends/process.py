@@ -25,7 +25,9 @@ Faults stay local:
   fails with ``TaskTimeout`` at once; the worker is replaced.
 * Arguments that cannot be pickled fail their own call with ``PicklingFailed``; arguments that
   cannot be unpickled in the worker are retried one call per job to find the culprit, which
-  fails with ``UnpicklingFailed``.
+  fails with ``UnpicklingFailed``. A result or exception that cannot be unpickled in the pool
+  fails its own call with ``UnpicklingFailed``: the other outcomes sent with it are taken
+  apart from it (see ``_wire.loads_salvaging``).
 """
 
 from __future__ import annotations
@@ -755,18 +757,24 @@ class ProcessBackend(Backend):
             except (EOFError, OSError):
                 return False
             try:
-                message = _wire.loads(data)
+                message, lost = _wire.loads_salvaging(data)
             except BaseException as exc:
                 self._unreadable_results(proc, exc)
             else:
-                self._handle(proc, message)
+                self._handle(proc, message, lost)
             if not proc.pending.poll(0):
                 return True
 
-    def _handle(self, proc: _Proc, message: tuple[Any, ...]) -> None:
+    def _handle(
+        self, proc: _Proc, message: tuple[Any, ...], lost: dict[int, BaseException] | None
+    ) -> None:
+        """Act on a message; ``lost``: the values in it that could not be unpickled."""
         kind = message[0]
+        if lost and kind != _worker.RESULTS:
+            self._unreadable_results(proc, next(iter(lost.values())))
+            return
         if kind == _worker.RESULTS:
-            _, first, values, errors, finished, elapsed = message
+            _, first, errors, finished, elapsed, values = message
             if not proc.jobs:
                 return  # the job was given up at its deadline
             job = proc.jobs[0]
@@ -779,6 +787,9 @@ class ProcessBackend(Backend):
                     batch.values[place] = value
             for offset, packed in errors.items():
                 batch.fail(placed[offset], _worker.unpack_error(packed))
+            if lost:
+                for offset, problem in lost.items():
+                    batch.fail(placed[offset], _unreadable_result(problem))
             job.received = first + len(values)
             if finished:
                 # ``elapsed`` counts from the job's start: only the last report is its total.
@@ -840,7 +851,8 @@ class ProcessBackend(Backend):
         self._fail_job(job, failure)
 
     def _unreadable_results(self, proc: _Proc, error: BaseException) -> None:
-        """We could not unpickle what the worker sent: its job's open calls fail."""
+        """We could not unpickle what the worker sent, not even value by value: its job's
+        open calls fail."""
         if not proc.jobs:
             return
         job = proc.jobs.popleft()
@@ -848,18 +860,9 @@ class ProcessBackend(Backend):
         for later in reversed(proc.jobs):
             self._requeue(later)
         proc.jobs.clear()
-
-        def failure() -> BaseException:
-            problem = UnpicklingFailed(
-                f"the call's result could not be unpickled in the pool: "
-                f"{type(error).__name__}: {error}"
-            )
-            problem.__cause__ = error
-            return problem
-
         # The worker goes on with a job we forgot: replace it so nothing arrives late.
         self._retire(proc, kill=True)
-        self._fail_job(job, failure)
+        self._fail_job(job, lambda: _unreadable_result(error))
 
     def _fail_job(self, job: _Job, error: Callable[[], BaseException]) -> None:
         batch = job.run.batch
@@ -1113,6 +1116,14 @@ class ProcessBackend(Backend):
             late = self.drain()
         for batch in late:
             batch.reject()
+
+
+def _unreadable_result(error: BaseException) -> UnpicklingFailed:
+    problem = UnpicklingFailed(
+        f"the call's result could not be unpickled in the pool: {type(error).__name__}: {error}"
+    )
+    problem.__cause__ = error
+    return problem
 
 
 def _pickling_failed(what: str, error: BaseException) -> PicklingFailed:
