@@ -121,7 +121,12 @@ def _preload_worker(context: BaseContext) -> None:
     if context.get_start_method() != "forkserver":
         return
     main_is_a_file = _wire.main_is_a_file()
-    context.set_forkserver_preload([*(["__main__"] if main_is_a_file else []), _worker.__name__])
+    preload = [*(["__main__"] if main_is_a_file else []), _worker.__name__]
+    if _forker.available(context):
+        # The forker asks the kernel through ctypes to kill workers with it: importing ctypes
+        # takes milliseconds, which each pool's forker would otherwise pay as it starts.
+        preload.append("ctypes")
+    context.set_forkserver_preload(preload)
     _start_fork_server(main_is_a_file)
 
 
