@@ -137,6 +137,7 @@ class Forker:
         self._init_blob = init_blob
         self._process: Any = None
         self._control: socket.socket | None = None
+        self._quitting = False
 
     def fileno(self) -> int | None:
         """The pool's end of the control socket (forked children of the pool must close it)."""
@@ -207,21 +208,38 @@ class Forker:
             self._process.join(timeout=1.0)
             self._process = None
 
-    def stop(self, timeout: float) -> None:
-        """Tell the forker to exit once its workers are gone, and wait for it."""
-        control, process = self._control, self._process
-        self._control = self._process = None
-        if control is not None:
+    def quit(self) -> None:
+        """Tell the forker to exit once every worker it forked is gone; ``stop`` waits."""
+        if self._control is not None and not self._quitting:
+            self._quitting = True
             try:
-                control.send(_QUIT)
+                self._control.send(_QUIT)
             except OSError:
                 pass
+
+    def stop(self, timeout: float) -> None:
+        """Tell the forker to exit once its workers are gone, and wait until it has.
+
+        The forker keeps its end of the control socket until it exits, so the socket's end
+        is its end: that comes sooner than the news from its parent, the fork server, that
+        it was reaped (``multiprocessing`` reaps it later, as it does every child).
+        """
+        self.quit()
+        control, process = self._control, self._process
+        self._control = self._process = None
+        self._quitting = False
+        exited = False
+        if control is not None:
+            exited = _wait_closed(control, timeout)
             control.close()
-        if process is not None:
+        if process is None:
+            return
+        if not exited:
             process.join(timeout=timeout)
             if process.exitcode is None:
                 process.kill()
                 process.join()
+        if process.exitcode is not None:
             process.close()
 
 
@@ -286,11 +304,28 @@ def serve(
                         # No goodbye: the pool's process is gone. Our workers die with us.
                         _worker.clean_up_after_pool()
                         sys.exit(0)
+                    # Kept open until we exit: the pool learns of our exit by its closing.
                     quitting = True
                     poller.unregister(control)
-                    control.close()
         _reap(statuses)
     sys.exit(0)
+
+
+def _wait_closed(control: socket.socket, timeout: float) -> bool:
+    """Wait until the other end of ``control`` is closed; False if ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if poller.poll(left * 1000.0 + 1):
+            try:
+                if not control.recv(_MAX_NAME + 1):
+                    return True
+            except OSError:
+                return True
 
 
 def _parent_death_setter() -> Callable[[], bool] | None:

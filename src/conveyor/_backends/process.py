@@ -1099,6 +1099,8 @@ class ProcessBackend(Backend):
                     proc.conn.send_bytes(_STOP)
                 except OSError:
                     pass
+        if self._forker is not None:
+            self._forker.quit()  # it exits as soon as its last worker has
         deadline = time.monotonic() + STOP_GRACE
         for proc in self._procs:
             proc.process.join(timeout=max(0.0, deadline - time.monotonic()))
