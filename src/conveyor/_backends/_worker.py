@@ -46,8 +46,10 @@ FLUSH_SECONDS = 0.001
 #: A worker whose last job came within this many seconds of the one before waits for the next
 #: awake (asking its pipe without sleeping) for as long, when the pool lets it (no more
 #: workers than CPUs). Waking a sleeping process costs tens of microseconds on a virtual
-#: machine; a pool used call by call (submit, result, submit) pays it on every call.
-SPIN_SECONDS = 150e-6
+#: machine; a pool used call by call (submit, result, submit) pays it on every call. The
+#: window must cover the pool's own turnaround between two such calls (four thread and process
+#: wake-ups): 150 µs did not on a slower machine, so the worker slept after every call.
+SPIN_SECONDS = 300e-6
 
 
 def _tolerate_a_main_that_is_not_a_file() -> None:
