@@ -232,11 +232,12 @@ class _MapState:
         if self._exhausted:
             return
         pool = self._pool
-        # Until a call has been measured, one batch per worker: if calls are slow, more
-        # batches of unknown length would only wait; if fast, the measure comes soon.
+        # Until a call has been measured, two one-call batches per worker: one to run, one
+        # waiting, so that a worker ending its first call finds the next without waiting for
+        # this thread to measure it and refill (the measure comes with the first end).
         max_batches = self._max_batches
         if self._per_item is None and self._chunksize is None and not self._eager:
-            max_batches = min(max_batches, self._workers)
+            max_batches = min(max_batches, 2 * self._workers)
         while len(self._inflight) < max_batches and self._items < self._max_items:
             size = self._batch_size()
             if self._max_items != float("inf"):

@@ -100,12 +100,14 @@ class ThreadBackend(Backend):
     # -- called by Pool -------------------------------------------------------------------
 
     def submit(self, batch: Batch) -> None:
-        # Decide about a new thread before queueing: once the batch is queued a worker may
-        # wake, and it should find the GIL free rather than wait for our bookkeeping.
+        # An idle token says that a thread will pick the batch up; without one, a new thread
+        # is started after the batch is queued, so that it finds the batch at once instead of
+        # blocking on the empty queue and being woken again (each wake-up is a GIL hand-off).
         try:
             self._idle.get_nowait()
+            spawn = False
         except queue.Empty:
-            self._spawn(replacement=False)
+            spawn = True
         with self._lock:
             # Under the lock shutdown() takes: a batch is either queued before the stop
             # sentinel, so it runs, or refused.
@@ -114,6 +116,8 @@ class ThreadBackend(Backend):
                 self._queue.put(batch)
         if stopped:
             batch.reject()
+        elif spawn:
+            self._spawn(replacement=False)
 
     def drain(self) -> list[Batch]:
         taken: list[Batch] = []
@@ -130,7 +134,11 @@ class ThreadBackend(Backend):
     def shutdown(self, wait: bool, kill: bool = False) -> None:
         with self._lock:
             if not self._stopping:
-                self._queue.put(None)
+                # A stop sentinel per worker, so that they all leave at once rather than one
+                # after another, each waking the next (a worker also passes one on, for
+                # threads this count missed).
+                for _ in range(max(1, len(self._workers))):
+                    self._queue.put(None)
             self._stopping = True
             self._deadlines.notify_all()
             workers = [w.thread for w in self._workers]
