@@ -91,6 +91,16 @@ def _io_case() -> None:
             time.sleep(IO_SLEEP)
         return IO_CALLS
 
+    def bare_threads() -> int:
+        # The least any pool of Python threads can take here: start the threads, give each
+        # its share of the sleeps up front (no queue, no results), join them.
+        threads = [threading.Thread(target=serial_sleep) for _ in range(IO_WORKERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return IO_CALLS
+
     def check(name: str, result: object) -> None:
         if result != IO_CALLS:
             raise AssertionError(f"{name} returned {result} results")
@@ -101,6 +111,8 @@ def _io_case() -> None:
         (STDLIB, stdlib_executor),
         ("multiprocessing.pool.ThreadPool", thread_pool),
         (f"reference: {IO_CALLS // IO_WORKERS} sleeps in a row", serial_sleep),
+        (f"reference: {IO_WORKERS} bare threads, {IO_CALLS // IO_WORKERS} sleeps each",
+         bare_threads),
     ]
     results = rounds(contenders, IO_ROUNDS, check=check)
     stdlib = results[STDLIB].median
