@@ -18,6 +18,7 @@ import pytest
 from _process_funcs import WAIT, Channel, read_line, wait_gone
 
 import conveyor
+from conveyor._backends import _wire
 
 TIMEOUT = 3.0
 _kept: list[Any] = []
@@ -129,3 +130,59 @@ def test_the_segments_of_a_killed_pools_process_are_removed(method: str, tmp_pat
         parent.wait(WAIT)
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_large_bytes_and_bytearrays_travel_out_of_band(kind: type) -> None:
+    data = kind(np.random.default_rng(5).bytes(2 << 20))
+    # As a call's argument or result: alone, or in a tuple.
+    for items, travelled in (([data], lambda back: back[0]), ([(7, data)], lambda b: b[0][1])):
+        message = _wire.dumps(_wire.wrap_big_bytes(items))
+        try:
+            assert len(message) < 4096  # the 2 MiB are in shared memory, not in the message
+        finally:
+            back = _wire.loads(message)
+        assert back == items
+        assert type(travelled(back)) is kind
+
+
+_PIPELINED_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    import conveyor
+
+    def echo(x):
+        return x
+
+    if __name__ == "__main__":
+        context = multiprocessing.get_context(sys.argv[1])
+        # Each item and each result is pickled in band, far larger than a pipe's buffer.
+        items = [list(range(300_000)) for _ in range(4)]
+        with conveyor.Pool("process", 1, mp_context=context) as pool:
+            assert pool.submit(echo, 1).result(60) == 1  # measured short: jobs may queue
+            assert list(pool.map(echo, items)) == items
+        print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_large_messages_never_wait_in_a_pipe_behind_a_running_job(
+    method: str, tmp_path: Path
+) -> None:
+    # A job queued in a busy worker's pipe while the worker sends a large result: if the
+    # job's message were larger than the pipe, both sides would block sending for ever.
+    script = tmp_path / "script.py"
+    script.write_text(_PIPELINED_SCRIPT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), method], stdout=subprocess.PIPE, cwd=tmp_path
+    )
+    try:
+        assert child.stdout is not None
+        assert read_line(child.stdout, WAIT).strip() == "done"
+        assert child.wait(WAIT) == 0
+    finally:
+        child.kill()
+        child.wait(WAIT)
+        if child.stdout is not None:
+            child.stdout.close()

@@ -142,31 +142,36 @@ class _Pickler(pickle.Pickler):
 
 
 class _BigBytes:
-    """Stands for a large ``bytes`` object so that it travels out of band.
+    """Stands for a large ``bytes`` or ``bytearray`` so that it travels out of band.
 
-    pickle writes ``bytes`` in band whatever their size (and never asks ``reducer_override``
-    about them); wrapped, they are sent as a buffer and rebuilt as ``bytes`` on arrival.
+    pickle writes both in band whatever their size (and never asks ``reducer_override``
+    about them); wrapped, they are sent as a buffer and rebuilt as their type on arrival.
     """
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return bytes, (pickle.PickleBuffer(self.data),)
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def _is_big_bytes(item: Any) -> bool:
+    return (type(item) is bytes or type(item) is bytearray) and len(item) >= BIG
 
 
 def _wrap(item: Any) -> Any:
-    if type(item) is bytes and len(item) >= BIG:
+    if _is_big_bytes(item):
         return _BigBytes(item)
-    if type(item) is tuple and any(type(x) is bytes and len(x) >= BIG for x in item):
+    if type(item) is tuple and any(_is_big_bytes(x) for x in item):
         return tuple(_wrap(x) for x in item)
     return item
 
 
 def wrap_big_bytes(items: Sequence[Any]) -> Sequence[Any]:
-    """``items`` with every large ``bytes`` (alone or in a tuple) marked to go out of band.
+    """``items`` with every large ``bytes`` or ``bytearray`` (alone or in a tuple) marked to go
+    out of band.
 
     Only short lists are looked at: large data comes in few items, and a long list of small
     items should not pay for the look.

@@ -61,8 +61,12 @@ __all__ = ["ProcessBackend", "default_context"]
 KILL_GRACE = 0.5
 #: Seconds a worker gets to exit after being told to stop at shutdown.
 STOP_GRACE = 5.0
-#: A job expected to run less than this may wait in a worker's pipe behind another.
+#: A job expected to run less than this may wait in a worker's pipe behind another...
 PIPELINE_SECONDS = 0.002
+#: ... if its message is no longer than this: it must fit in the pipe's buffer. A worker that
+#: runs a job does not read its pipe, and may be blocked sending us a large result: had we
+#: blocked sending it a large job meanwhile, each would wait for the other for ever.
+PIPELINE_BYTES = 32 << 10
 #: A job measured to end within this many seconds is waited for without sleeping: waking a
 #: sleeping thread costs tens of microseconds on a virtual machine, as much as such a job.
 SPIN_SECONDS = 100e-6
@@ -183,6 +187,7 @@ class _Job:
         "deadline",
         "files",
         "indexes",
+        "large",
         "ordinal",
         "received",
         "run",
@@ -200,6 +205,7 @@ class _Job:
         self.files: list[str] = []  # shared-memory files of the sent message
         self.segments: list[str] = []  # the pool's segments it was sent in (see _wire)
         self.ordinal = 0  # this job's number among those sent to its worker
+        self.large = False  # its message is too large to wait in a pipe (PIPELINE_BYTES)
         run.open_jobs += 1
 
 
@@ -620,7 +626,8 @@ class ProcessBackend(Backend):
                     job = self._next_job()
                     if job is None:
                         return
-                    self._send(proc, job)
+                    if not self._send(proc, job):
+                        break
 
     def _is_trivial(self, job: _Job, fn_id: int) -> bool:
         """Whether ``job`` may run in the worker's fast loop: many calls, each measured to
@@ -635,8 +642,8 @@ class ProcessBackend(Backend):
 
     def _is_short(self, job: _Job) -> bool:
         """Whether ``job`` is expected to run under ``PIPELINE_SECONDS`` (and has no deadline,
-        which is counted from the moment it is sent)."""
-        return self._runs_short(job.run.batch, len(job.indexes))
+        which is counted from the moment it is sent) and may wait in a pipe."""
+        return not job.large and self._runs_short(job.run.batch, len(job.indexes))
 
     def _next_is_short(self) -> bool:
         """Whether the job ``_next_job`` would return is short (False if there is none)."""
@@ -690,7 +697,9 @@ class ProcessBackend(Backend):
         proc.known.add(fn_id)
         return fn_id, entry[2]
 
-    def _send(self, proc: _Proc, job: _Job) -> None:
+    def _send(self, proc: _Proc, job: _Job) -> bool:
+        """Send ``job`` to ``proc`` (or end it, if it cannot be pickled); False if it is too
+        large to wait behind ``proc``'s running job, and is queued again for an idle worker."""
         batch = job.run.batch
         if self._max_tasks is not None:
             room = self._max_tasks - proc.done
@@ -702,7 +711,7 @@ class ProcessBackend(Backend):
         except Exception as exc:
             problem = exc
             self._fail_job(job, lambda: _pickling_failed("function", problem))
-            return
+            return True
         indexes = job.indexes
         args: Sequence[Any]
         if isinstance(indexes, range) and len(indexes) == len(batch):
@@ -722,7 +731,15 @@ class ProcessBackend(Backend):
             if fn_blob is not None:
                 proc.known.discard(fn_id)
             self._split_unpicklable(job)
-            return
+            return True
+        if proc.jobs and len(payload) > PIPELINE_BYTES:
+            _wire.forget_files(_wire.files_of(payload))
+            self._segments.release(self._segments.last)
+            if fn_blob is not None:
+                proc.known.discard(fn_id)
+            job.large = True
+            self._jobs.appendleft(job)
+            return False
         job.files = _wire.files_of(payload)
         job.segments = self._segments.last
         proc.sent += 1
@@ -736,6 +753,7 @@ class ProcessBackend(Backend):
             proc.conn.send_bytes(_RUN + payload)
         except OSError:
             pass  # the worker is dead; its sentinel reports it and the job runs elsewhere
+        return True
 
     def _split_unpicklable(self, job: _Job) -> None:
         """Fail the calls whose arguments cannot be pickled; queue the others."""
