@@ -610,6 +610,21 @@ def test_an_initializer_that_exits_breaks_the_pool_without_a_hang() -> None:
             pool.submit(funcs.double, 2)
 
 
+def test_terminate_is_not_held_up_by_a_large_call_for_a_worker_whose_initializer_hangs(
+    started: Channel,
+) -> None:
+    # The call's message is far larger than a pipe: had the pool sent it to the worker while
+    # the initializer ran, it would wait for the worker to read it, deaf to terminate().
+    pool = conveyor.Pool("process", 1, initializer=funcs.report_and_hang, initargs=(started.path,))
+    future = pool.submit(funcs.identity, list(range(300_000)))
+    started.read_pids(1)
+    stopper = threading.Thread(target=pool.terminate)
+    stopper.start()
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    assert future.done()
+
+
 @EVERY_METHOD
 def test_an_initializer_runs_once_in_every_worker(method: str) -> None:
     with conveyor.Pool(

@@ -65,7 +65,9 @@ STOP_GRACE = 5.0
 PIPELINE_SECONDS = 0.002
 #: ... if its message is no longer than this: it must fit in the pipe's buffer. A worker that
 #: runs a job does not read its pipe, and may be blocked sending us a large result: had we
-#: blocked sending it a large job meanwhile, each would wait for the other for ever.
+#: blocked sending it a large job meanwhile, each would wait for the other for ever. Nor is a
+#: worker still starting sent more than this: its initializer may take its time, and we would
+#: wait for it, deaf to everything else.
 PIPELINE_BYTES = 32 << 10
 #: A job measured to end within this many seconds is waited for without sleeping: waking a
 #: sleeping thread costs tens of microseconds on a virtual machine, as much as such a job.
@@ -699,7 +701,8 @@ class ProcessBackend(Backend):
 
     def _send(self, proc: _Proc, job: _Job) -> bool:
         """Send ``job`` to ``proc`` (or end it, if it cannot be pickled); False if it is too
-        large to wait behind ``proc``'s running job, and is queued again for an idle worker."""
+        large to wait in ``proc``'s pipe (``PIPELINE_BYTES``), and is queued again for a ready,
+        idle worker."""
         batch = job.run.batch
         if self._max_tasks is not None:
             room = self._max_tasks - proc.done
@@ -732,7 +735,7 @@ class ProcessBackend(Backend):
                 proc.known.discard(fn_id)
             self._split_unpicklable(job)
             return True
-        if proc.jobs and len(payload) > PIPELINE_BYTES:
+        if (proc.jobs or not proc.ready) and len(payload) > PIPELINE_BYTES:
             _wire.forget_files(_wire.files_of(payload))
             self._segments.release(self._segments.last)
             if fn_blob is not None:
