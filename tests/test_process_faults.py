@@ -415,6 +415,9 @@ def test_a_result_that_cannot_be_pickled_fails_its_call_alone() -> None:
         error = pool.submit(funcs.lock_on, 1, 1).exception(WAIT)
         assert isinstance(error, conveyor.PicklingFailed)
         assert "result" in str(error)
+        # Its cause is the worker's traceback of the pickling error.
+        assert "Traceback" in str(error.__cause__)
+        assert "pickle" in str(error.__cause__)
         seen: list[int] = []
         with pytest.raises(conveyor.PicklingFailed):
             for value in pool.map(funcs.lock_on, range(10), [6] * 10, chunksize=10):

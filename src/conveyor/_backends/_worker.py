@@ -429,7 +429,11 @@ def _pack_results(
                     f"the call's result {type(value).__qualname__} cannot be pickled back "
                     f"to the pool: {type(problem).__name__}: {problem}"
                 )
-                errors[index] = (_wire.dumps(failure), "")
+                # Its remote traceback is that of the pickling error, in this worker.
+                text = "".join(
+                    traceback.format_exception(type(problem), problem, problem.__traceback__)
+                )
+                errors[index] = (_wire.dumps(failure), text)
         data = _wire.dumps((RESULTS, first, errors, finished, elapsed, values))
     return data
 
