@@ -3,11 +3,13 @@ a segment is reused only once no worker can read it any more."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +110,26 @@ _KILLED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["forkserver", "spawn"])
-def test_the_segments_of_a_killed_pools_process_are_removed(method: str, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _script(tmp_path: Path, text: str, method: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A Python process running ``text`` with ``method`` as its argument; killed at the end."""
     script = tmp_path / "script.py"
-    script.write_text(_KILLED_SCRIPT)
-    parent = subprocess.Popen(
+    script.write_text(text)
+    child = subprocess.Popen(
         [sys.executable, str(script), method], stdout=subprocess.PIPE, cwd=tmp_path
     )
     try:
+        yield child
+    finally:
+        child.kill()
+        child.wait(WAIT)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_the_segments_of_a_killed_pools_process_are_removed(method: str, tmp_path: Path) -> None:
+    with _script(tmp_path, _KILLED_SCRIPT, method) as parent:
         assert parent.stdout is not None
         assert read_line(parent.stdout, WAIT).strip() == "ready"
         assert segments_of(parent.pid)  # kept for the next calls
@@ -125,11 +139,6 @@ def test_the_segments_of_a_killed_pools_process_are_removed(method: str, tmp_pat
         parent.wait(WAIT)
         assert not wait_gone(descendants)
         assert segments_of(parent.pid) == []
-    finally:
-        parent.kill()
-        parent.wait(WAIT)
-        if parent.stdout is not None:
-            parent.stdout.close()
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray])
@@ -172,17 +181,7 @@ def test_large_messages_never_wait_in_a_pipe_behind_a_running_job(
 ) -> None:
     # A job queued in a busy worker's pipe while the worker sends a large result: if the
     # job's message were larger than the pipe, both sides would block sending for ever.
-    script = tmp_path / "script.py"
-    script.write_text(_PIPELINED_SCRIPT)
-    child = subprocess.Popen(
-        [sys.executable, str(script), method], stdout=subprocess.PIPE, cwd=tmp_path
-    )
-    try:
+    with _script(tmp_path, _PIPELINED_SCRIPT, method) as child:
         assert child.stdout is not None
         assert read_line(child.stdout, WAIT).strip() == "done"
         assert child.wait(WAIT) == 0
-    finally:
-        child.kill()
-        child.wait(WAIT)
-        if child.stdout is not None:
-            child.stdout.close()
