@@ -625,6 +625,8 @@ class ProcessBackend(Backend):
                     # place under max_pending is freed), so take only what is sent now.
                     if proc.jobs and not (self._is_short(proc.jobs[0]) and self._next_is_short()):
                         break
+                    if not proc.ready and self._jobs and self._jobs[0].large:
+                        break  # it waits for a ready worker (see _send)
                     job = self._next_job()
                     if job is None:
                         return
