@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import os
 import sys
 import threading
 import time
@@ -33,7 +34,11 @@ def _children() -> set[int]:
 
 
 def _shared_helper(process: psutil.Process) -> bool:
+    """One of multiprocessing's helpers: a child of ours with its command line. What the fork
+    server forks (workers, forkers) has the same command line but is not our child."""
     try:
+        if process.ppid() != os.getpid():
+            return False
         command = " ".join(process.cmdline())
     except psutil.Error:
         return False
