@@ -43,8 +43,12 @@ def _counting(items: Iterator[int] | range, pulled: list[int]) -> Iterator[int]:
 
 
 def test_public_names() -> None:
-    assert {"Pipeline", "Failed"} <= set(conveyor.__all__)
+    assert {"Pipeline", "Failed", "PipelineSummary", "StageStatistics"} <= set(conveyor.__all__)
     assert conveyor.Pipeline is Pipeline and conveyor.Failed is Failed
+    # What run() and statistics() return can be named in annotations.
+    pipeline = Pipeline(range(3)).map(abs)
+    assert isinstance(pipeline.run(), conveyor.PipelineSummary)
+    assert all(isinstance(s, conveyor.StageStatistics) for s in pipeline.statistics())
 
 
 def test_each_kind_of_stage_matches_its_builtin() -> None:

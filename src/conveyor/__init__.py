@@ -17,7 +17,8 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._executors import ProcessPoolExecutor, ThreadPoolExecutor
-from ._pipeline import Failed, Pipeline
+from ._pipeline import Failed, Pipeline, PipelineSummary
+from ._pipeline_stage import StageStatistics
 from ._pool import AsyncResult, Pool, PoolStatistics
 
 __all__ = [
@@ -27,10 +28,12 @@ __all__ = [
     "InitializerFailed",
     "PicklingFailed",
     "Pipeline",
+    "PipelineSummary",
     "Pool",
     "PoolFull",
     "PoolStatistics",
     "ProcessPoolExecutor",
+    "StageStatistics",
     "TaskTimeout",
     "ThreadPoolExecutor",
     "UnpicklingFailed",
