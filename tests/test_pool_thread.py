@@ -890,13 +890,21 @@ def test_a_map_read_on_another_thread_ends_when_its_queued_calls_are_cancelled(
             raise AssertionError("the test never opened the gate")
         return x
 
+    all_queued = threading.Event()
+
+    def inputs() -> Iterator[int]:
+        yield from range(10)
+        # The map asks for more only once it has queued the tenth call: the stop must find
+        # every call queued (the first may start while the map is still queueing the rest).
+        all_queued.set()
+
     pool = conveyor.Pool(workers=1)
     seen: list[int] = []
     outcome: list[BaseException] = []
 
     def consume() -> None:
         try:
-            seen.extend(pool.map(gated, range(10), chunksize=1))
+            seen.extend(pool.map(gated, inputs(), chunksize=1))
         except BaseException as exc:
             outcome.append(exc)
 
@@ -907,6 +915,7 @@ def test_a_map_read_on_another_thread_ends_when_its_queued_calls_are_cancelled(
     )
     try:
         assert first_started.wait(WAIT)
+        assert all_queued.wait(WAIT)
         stopper.start()
     finally:
         gate.set()

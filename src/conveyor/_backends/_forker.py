@@ -220,21 +220,19 @@ class Forker:
     def stop(self, timeout: float) -> None:
         """Tell the forker to exit once its workers are gone, and wait until it has.
 
-        The forker keeps its end of the control socket until it exits, so the socket's end
-        is its end: that comes sooner than the news from its parent, the fork server, that
-        it was reaped (``multiprocessing`` reaps it later, as it does every child).
+        Its end is watched through a pidfd, which is readable once it has exited: that comes
+        sooner than the news from its parent, the fork server, that it was reaped
+        (``multiprocessing`` reaps it later, as it does every child).
         """
         self.quit()
         control, process = self._control, self._process
         self._control = self._process = None
         self._quitting = False
-        exited = False
         if control is not None:
-            exited = _wait_closed(control, timeout)
             control.close()
         if process is None:
             return
-        if not exited:
+        if not (process.pid is not None and _wait_exited(process.pid, timeout)):
             process.join(timeout=timeout)
             if process.exitcode is None:
                 process.kill()
@@ -304,28 +302,28 @@ def serve(
                         # No goodbye: the pool's process is gone. Our workers die with us.
                         _worker.clean_up_after_pool()
                         sys.exit(0)
-                    # Kept open until we exit: the pool learns of our exit by its closing.
                     quitting = True
                     poller.unregister(control)
+                    control.close()
         _reap(statuses)
     sys.exit(0)
 
 
-def _wait_closed(control: socket.socket, timeout: float) -> bool:
-    """Wait until the other end of ``control`` is closed; False if ``timeout`` passed."""
-    deadline = time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(control, select.POLLIN)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        if poller.poll(left * 1000.0 + 1):
-            try:
-                if not control.recv(_MAX_NAME + 1):
-                    return True
-            except OSError:
-                return True
+def _wait_exited(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has exited (it may not be reaped yet); False at the timeout,
+    or where a process that is not our child cannot be watched."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True  # reaped already
+    except (AttributeError, OSError):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000.0 + 1))
+    finally:
+        os.close(fd)
 
 
 def _parent_death_setter() -> Callable[[], bool] | None:
