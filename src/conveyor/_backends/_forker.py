@@ -63,9 +63,10 @@ class ForkedProcess:
     """A worker forked by a forker, with the part of ``multiprocessing.Process``'s interface
     the pool uses: ``pid``, ``sentinel``, ``exitcode``, ``join``, ``close``."""
 
-    def __init__(self, status: int, name: str) -> None:
+    def __init__(self, status: int, name: str, forker: int = 0) -> None:
         self.sentinel = status
         self.name = name
+        self.forker = forker  # which of its pool's forkers forked it (see Forker.died)
         self.pid: int | None = None
         self.exitcode: int | None = None
         self.lost = False  # the status pipe closed without a status: the forker died
@@ -138,6 +139,8 @@ class Forker:
         self._process: Any = None
         self._control: socket.socket | None = None
         self._quitting = False
+        self._started = 0  # forkers started so far; the current one is number _started
+        self._dead = 0  # the newest forker known to have died
 
     def fileno(self) -> int | None:
         """The pool's end of the control socket (forked children of the pool must close it)."""
@@ -172,7 +175,22 @@ class Forker:
             os.close(mark_fd)
             os.close(status_w)
         os.set_blocking(status_r, False)
-        return ForkedProcess(status_r, name), mark
+        return ForkedProcess(status_r, name, self._started), mark
+
+    def died(self, worker: ForkedProcess) -> bool:
+        """``worker`` lost its forker (``worker.lost``): let go of that forker, so that the
+        next ``fork`` starts another. True the first time a forker's death is heard of.
+
+        A forker's status pipes may close before its control socket does, as it dies: a
+        request sent in between is lost with it, and its worker is lost in turn. So is
+        every worker it had forked. Those are all one failure.
+        """
+        if worker.forker <= self._dead:
+            return False
+        self._dead = worker.forker
+        if worker.forker == self._started:
+            self._forget()
+        return True
 
     def _send(self, request: bytes, fds: list[int]) -> None:
         if self._control is None:
@@ -198,6 +216,7 @@ class Forker:
             theirs.close()
         self._process = process
         self._control = ours
+        self._started += 1
 
     def _forget(self) -> None:
         """Let go of a forker that died."""

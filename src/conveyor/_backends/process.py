@@ -937,9 +937,12 @@ class ProcessBackend(Backend):
 
     def _bury(self, proc: _Proc) -> None:
         """``proc`` has exited: account for its jobs and replace it."""
+        blame = True  # whether its death, before it was ready, counts as a failed start
         if isinstance(proc.process, ForkedProcess) and proc.process.lost:
             # Its forker died, and with it the news of this worker: it may still run.
             self._signal(proc, signal.SIGKILL)
+            assert self._forker is not None
+            blame = self._forker.died(proc.process)
         # Outcomes it sent before dying are still in the pipe.
         try:
             while proc.jobs and proc.pending.poll(0):
@@ -964,7 +967,7 @@ class ProcessBackend(Backend):
             for job in reversed(proc.jobs):
                 self._requeue(job)
             proc.jobs.clear()
-            self._failed_starts += 1
+            self._failed_starts += blame
             if self._failed_starts >= FAILED_STARTS:
                 self._fail_pool(
                     BrokenPool(
