@@ -129,9 +129,11 @@ def _preload_worker(context: BaseContext) -> None:
     main_is_a_file = _wire.main_is_a_file()
     preload = [*(["__main__"] if main_is_a_file else []), _worker.__name__]
     if _forker.available(context):
-        # The forker asks the kernel through ctypes to kill workers with it: importing ctypes
-        # takes milliseconds, which each pool's forker would otherwise pay as it starts.
-        preload.append("ctypes")
+        # Each pool's forker is a child of the server: what the server has imported, no
+        # forker imports again as it starts. The forker itself (7-11 ms here when Python
+        # compiles it, without bytecode caches), ctypes (it asks the kernel through ctypes to
+        # kill workers with it) and what multiprocessing needs to hand it its sockets.
+        preload += [_forker.__name__, "ctypes", "multiprocessing.popen_forkserver"]
     context.set_forkserver_preload(preload)
     _start_fork_server(main_is_a_file)
 
