@@ -740,16 +740,29 @@ def test_large_arguments_of_crashed_and_timed_out_calls_leave_no_shared_memory(
 
 _ORPHAN_SCRIPT = textwrap.dedent(
     """
-    import multiprocessing, os, sys, threading
+    import multiprocessing, os, sys, tempfile, threading
     import conveyor
+
+    def meet(fifo, end):
+        # Opening one end of a named pipe waits until the other end is opened: each of two
+        # calls waits for the other, so they run in two workers at once.
+        os.close(os.open(fifo, end))
+        return os.getpid()
+
+    def start_both(pool):
+        # A pool starts workers as calls come: make it start both.
+        fifo = os.path.join(tempfile.mkdtemp(dir="."), "fifo")
+        os.mkfifo(fifo)
+        calls = [pool.submit(meet, fifo, end) for end in (os.O_RDONLY, os.O_WRONLY)]
+        assert len({call.result(60) for call in calls} - {os.getpid()}) == 2
 
     method, pools = sys.argv[1], int(sys.argv[2])
     context = multiprocessing.get_context(method)
     first = conveyor.Pool("process", 2, mp_context=context)
-    assert first.submit(os.getpid).result(60) != os.getpid()
+    start_both(first)
     if pools == 2:
         second = conveyor.Pool("process", 2, mp_context=context)
-        assert second.submit(os.getpid).result(60) != os.getpid()
+        start_both(second)
         # the first pool replaces a worker while the second one exists
         assert isinstance(first.submit(os._exit, 9).exception(60), conveyor.WorkerCrashed)
         assert first.submit(os.getpid).result(60) != os.getpid()

@@ -444,8 +444,6 @@ class ProcessBackend(Backend):
                 )
             self._poller = select.poll()
             self._poller.register(self._wake_r, select.POLLIN)
-            for _ in range(self.workers):
-                self._spawn()
             while not self._serve_once():
                 pass
         except BaseException as exc:
@@ -616,6 +614,7 @@ class ProcessBackend(Backend):
         Only a job measured to be short waits behind another: a long one queued behind a
         running job could sit there while another worker is idle.
         """
+        self._grow()
         # Every idle worker gets a job before any busy one gets a second: a call measured to
         # be short may block this time, and nothing should wait behind it while a worker idles.
         for depth in (1, 2):
@@ -634,6 +633,18 @@ class ProcessBackend(Backend):
                         return
                     if not self._send(proc, job):
                         break
+
+    def _grow(self) -> None:
+        """Start workers as work comes, up to ``workers``: one for each job waiting beyond the
+        idle workers. A pool that runs one call starts one worker, and its shutdown does not
+        wait for others to finish starting (the stdlib's executor does the same)."""
+        live = [p for p in self._procs if not p.leaving and not p.spare]
+        missing = self.workers - len(live)
+        if missing <= 0 or self._stopping:
+            return
+        waiting = len(self._jobs) + len(self._inbox) - sum(1 for p in live if not p.jobs)
+        for _ in range(min(missing, waiting)):
+            self._spawn()
 
     def _is_trivial(self, job: _Job, fn_id: int) -> bool:
         """Whether ``job`` may run in the worker's fast loop: many calls, each measured to
