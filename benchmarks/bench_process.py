@@ -60,6 +60,7 @@ TRIP_ROUNDS, TRIP_CALLS = 4, 500
 START_ROUNDS, START_WORKERS = 7, 2
 CRASH_CALLS, CRASH_ROUNDS, CRASH_WAIT = 1_000, 3, 60.0
 CONVEYOR = "conveyor.Pool"
+BOTH_STARTED = "conveyor.Pool, both workers"
 MP_POOL = "multiprocessing.Pool"
 
 
@@ -641,14 +642,22 @@ def _start_case() -> None:
         peer.call(noop)
         peer.stop()
 
+    def run_both() -> None:
+        # conveyor starts workers as calls come: one call starts one. Two at once start both.
+        with conveyor.Pool(backend="process", workers=START_WORKERS) as pool:
+            for future in [pool.submit(noop) for _ in range(START_WORKERS)]:
+                future.result()
+
     contenders: list[tuple[str, Callable[[], object]]] = [
         (kind.name, partial(run, kind)) for kind in PEERS
     ]
+    contenders.append((BOTH_STARTED, run_both))
     rounds(contenders, 1)  # untimed: start fork servers and import what each needs
     # A pool's workers go on exiting (and being reaped) after its shutdown returns: settle,
     # so that the next contender is not timed while the last one's processes still run.
     results = rounds(contenders, START_ROUNDS, budget=5.0, settle=0.25)
     how = {kind.name: kind.how for kind in PEERS}
+    how[BOTH_STARTED] = f"forkserver; {START_WORKERS} calls at once, so both workers start"
     base = results[MP_POOL].median
     table(
         ["contender", "median", "best", "rounds", "vs mp.Pool", "start method"],
@@ -666,6 +675,10 @@ def _start_case() -> None:
     )
     _failures(results)
     note("after one untimed round each; 'vs mp.Pool' is a ratio of times (lower is faster)")
+    note(
+        f"{CONVEYOR} starts workers as calls come: for one call it starts one of its "
+        f"{START_WORKERS}, as the stdlib's executor does under forkserver and spawn"
+    )
     mine = results[CONVEYOR].median
     floor(
         "process_start_call_stop",
