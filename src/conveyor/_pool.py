@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from ._backends import lookup
-from ._backends._base import Backend, Batch, NotRun
+from ._backends._base import Backend, Batch, NotRun, offer_help, plain
 from ._errors import BrokenPool, InitializerFailed, PoolFull, TaskTimeout
 from ._map import map_results
 from ._progress import length_of, track
@@ -313,6 +313,8 @@ class Pool(Executor):
         _check_callable(fn)
         batch = Batch(self, fn, [args], kwargs or None, self._timeout)
         future: Future[R] = Future()
+        if self._backend.helps:
+            offer_help(future, self._backend.help)
         batch.future = future
         self._enqueue(batch, block=block, counted=False)
         return future
@@ -787,6 +789,8 @@ class Pool(Executor):
             return
         future = root.future
         if future is not None:
+            if self._backend.helps:
+                plain(future)
             if root.errors:
                 future.set_exception(root.errors[0])
             else:

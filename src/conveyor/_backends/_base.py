@@ -18,15 +18,20 @@ The contract, for every backend:
 * ``drain()`` takes back the queued batches that no worker started, for cancellation.
 * ``shutdown(wait)`` lets workers finish what they run and stops them; after ``wait=True`` no
   thread or process of the backend is left.
+* A backend that ``helps`` is offered the thread that waits for a call's future
+  (``help(future, timeout)``): it may do its own work on that thread meanwhile, so that the
+  call's outcome is read where it is awaited instead of being handed over from another thread.
 """
 
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, ClassVar
 
-__all__ = ["Backend", "Batch", "NotRun"]
+__all__ = ["Backend", "Batch", "NotRun", "offer_help", "plain"]
 
 
 class NotRun(Exception):
@@ -123,6 +128,53 @@ class Batch:
         self.errors[index] = error
 
 
+class _Offer:
+    """``future.result`` for a future whose waiter first offers its thread to ``helper``
+    (see ``offer_help``); its ``exception`` method stands for ``future.exception``."""
+
+    __slots__ = ("_future", "_helper")
+
+    def __init__(
+        self, future: Future[Any], helper: Callable[[Future[Any], float | None], None]
+    ) -> None:
+        self._future = future
+        self._helper = helper
+
+    def _offer(self, timeout: float | None) -> float | None:
+        future = self._future
+        if future.done():
+            return timeout
+        if timeout is None:
+            self._helper(future, None)
+            return None
+        end = time.monotonic() + timeout
+        self._helper(future, timeout)
+        return max(0.0, end - time.monotonic())
+
+    def __call__(self, timeout: float | None = None) -> Any:
+        return Future.result(self._future, self._offer(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return Future.exception(self._future, self._offer(timeout))
+
+
+def offer_help(future: Future[Any], helper: Callable[[Future[Any], float | None], None]) -> None:
+    """Have ``future.result()`` and ``future.exception()`` call ``helper(future, timeout)``
+    while the future is not done; the helper returns when it is, at the timeout, or at once
+    if it cannot help. The future stays a plain ``concurrent.futures.Future``; ``plain``
+    undoes this once it is done."""
+    offer = _Offer(future, helper)
+    future.result = offer  # type: ignore[method-assign]
+    future.exception = offer.exception  # type: ignore[method-assign]
+
+
+def plain(future: Future[Any]) -> None:
+    """Undo ``offer_help``: the offer holds the future, and would keep it (and its result)
+    alive in a cycle."""
+    future.__dict__.pop("result", None)
+    future.__dict__.pop("exception", None)
+
+
 class Backend(abc.ABC):
     """An engine that runs batches of calls on some kind of worker."""
 
@@ -137,6 +189,8 @@ class Backend(abc.ABC):
     batch_seconds: ClassVar[float]
     #: The keyword arguments of ``Pool`` that only this backend takes.
     options: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``help`` may use a thread that waits for a future (see the module's doc).
+    helps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -176,6 +230,11 @@ class Backend(abc.ABC):
     def live_workers(self) -> int:
         """How many workers exist now (may be fewer than ``workers`` before they are needed)."""
         return self.workers
+
+    def help(self, future: Future[Any], timeout: float | None) -> None:
+        """Do the backend's work on the calling thread, which waits for ``future``, until the
+        future is done or ``timeout`` seconds have passed; return at once if it cannot."""
+        return None
 
     def in_worker(self) -> bool:
         """Whether the calling thread is one of this backend's workers (running a call)."""

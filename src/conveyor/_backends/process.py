@@ -16,6 +16,15 @@ Data flow::
 Only the dispatcher touches workers. Other threads reach it through ``inbox`` and the wakeup
 pipe, so no lock guards a worker's state.
 
+The dispatcher is a role (the ``_role`` lock), held by the dispatcher thread except while it
+*parks*: when no call is queued or running, it lets go of the role and waits only for a wakeup
+or a worker's end. A thread that then waits for a future of the pool (``help``) takes the role
+and runs the dispatcher's loop itself until its future is done: it sends the call, waits for
+the worker's answer and reads it, where the parked thread would have had to wake, do it and
+wake the waiter in turn (each wake-up costs tens of microseconds on a virtual machine, about
+as much as the rest of a call's round trip). Whoever holds the role owns every worker; a
+helper that leaves work running wakes the dispatcher thread to take it over.
+
 Faults stay local:
 
 * A worker that dies fails only the call it was running (known from its shared ``mark``) with
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import importlib
 import itertools
 import json
 import multiprocessing
@@ -45,6 +55,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -97,6 +108,61 @@ def _stop_all_at_exit() -> None:
 
 
 atexit.register(_stop_all_at_exit)
+
+
+# -- Ctrl-C while the main thread holds the dispatcher role ---------------------------------
+#
+# Python runs signal handlers in the main thread, between any two bytecodes: a KeyboardInterrupt
+# there, while the main thread runs the dispatcher's code (``help``), could stop it half-way
+# through an update and lose a call. So while the main thread helps, Ctrl-C is deferred: the
+# handler below wakes the helper, which leaves the role and then raises KeyboardInterrupt. It
+# replaces Python's default handler, and only that one, the first time the main thread helps;
+# it behaves as the default at any other moment.
+
+_SIGINT = int(signal.SIGINT)
+# The C function: signal.getsignal's wrapper (turning numbers into enums) takes microseconds.
+_getsignal: Callable[[int], Any] = importlib.import_module("_signal").getsignal
+_main_helping: ProcessBackend | None = None
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    global _interrupted
+    helping = _main_helping
+    if helping is None:
+        signal.default_int_handler(signum, frame)
+        return
+    _interrupted = True
+    try:
+        os.write(helping._wake_w, b"\0")
+    except OSError:
+        pass
+
+
+_MAIN_THREAD = threading.main_thread().ident
+
+
+def _may_help_here() -> bool:
+    """Whether the calling thread may take the dispatcher role (see above)."""
+    if threading.get_ident() != _MAIN_THREAD:
+        return True
+    handler = _getsignal(_SIGINT)
+    if handler is _on_interrupt:
+        return True
+    if handler is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)
+        return True
+    return False  # a handler of the program's own, which may raise anywhere
+
+
+def _restore_interrupts() -> None:
+    """Put Python's default SIGINT handler back once no pool is left to help."""
+    if (
+        not _live
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is _on_interrupt
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def default_context() -> BaseContext:
@@ -219,6 +285,7 @@ class _Proc:
     __slots__ = (
         "conn",
         "done",
+        "fd",
         "held",
         "jobs",
         "kill_at",
@@ -237,6 +304,7 @@ class _Proc:
     ) -> None:
         self.process = process
         self.conn = conn
+        self.fd = conn.fileno()
         # Shared with the worker: [ordinal of the job it is in, index of the call it is in].
         self.mark = mark
         # Whether its pipe has data, asked without blocking: Connection.poll() builds a
@@ -258,6 +326,7 @@ class ProcessBackend(Backend):
     name = "process"
     can_kill = True
     needs_pickle = True
+    helps = True
     batch_seconds = 0.005
     options = frozenset({"mp_context", "max_tasks_per_worker"})
 
@@ -319,7 +388,11 @@ class ProcessBackend(Backend):
         self._stopping = False
         self._killing = False
         self._closed = False
-        # Owned by the dispatcher thread alone.
+        # The dispatcher role: its holder owns everything below (see the module's doc).
+        self._role = threading.Lock()
+        self._parked = False  # the dispatcher thread waits without the role
+        self._helper_error: BaseException | None = None  # what stopped a helper's loop
+        # Owned by the holder of the role.
         self._procs: list[_Proc] = []
         self._segments = _wire.Segments()  # where jobs' large buffers travel
         self._cpus = ProcessBackend.default_workers()
@@ -336,6 +409,7 @@ class ProcessBackend(Backend):
         self._lifeline_w: Connection | None = None
         self._forker: Forker | None = None  # where workers come from, if not multiprocessing
         self._poller: Any = None  # select.poll over the wakeup pipe, pipes and sentinels
+        self._park_set: Any = None  # the same in an epoll, which a parked dispatcher waits on
         self._by_fd: dict[int, _Proc] = {}
         self._names = itertools.count()
         _live.add(self)
@@ -358,7 +432,10 @@ class ProcessBackend(Backend):
             return
         if self._thread is None:
             self._start()
-        self._wake()
+        if self._parked:
+            self._lend()
+        else:
+            self._wake()
 
     def drain(self) -> list[Batch]:
         taken: list[Batch] = []
@@ -381,6 +458,7 @@ class ProcessBackend(Backend):
             if wait and thread is not threading.current_thread():
                 thread.join()
         _live.discard(self)
+        _restore_interrupts()
 
     def busy(self) -> int:
         return sum(1 for proc in list(self._procs) if proc.jobs)
@@ -425,6 +503,13 @@ class ProcessBackend(Backend):
         except (BlockingIOError, OSError):
             pass
 
+    def _drain_wakeups(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except OSError:
+            pass
+        self._wake_sent = False
+
     def _close_pipes(self) -> None:
         self._pipes_closed = True  # before closing: their numbers may be reused at once
         for fd in (self._wake_r, self._wake_w):
@@ -436,6 +521,7 @@ class ProcessBackend(Backend):
     # -- the dispatcher thread ----------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        self._role.acquire()
         try:
             self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
             if _forker.available(self._context):
@@ -444,8 +530,11 @@ class ProcessBackend(Backend):
                 )
             self._poller = select.poll()
             self._poller.register(self._wake_r, select.POLLIN)
+            self._park_set = select.epoll()
+            self._park_set.register(self._wake_r, select.EPOLLIN)
             while not self._serve_once():
-                pass
+                if self._helper_error is not None:
+                    raise self._helper_error
         except BaseException as exc:
             # A bug here, or an error starting a worker: the pool cannot go on, but every
             # call it holds must still end, and nobody may wait forever.
@@ -453,20 +542,40 @@ class ProcessBackend(Backend):
             broken.__cause__ = exc
             self._fail_pool(broken)
         finally:
-            self._finish_all()
+            try:
+                self._finish_all()
+            finally:
+                self._role.release()
 
     def _fail_pool(self, error: BrokenPool) -> None:
         with self._start_lock:
             self._broken = True
         self._on_broken(error)
 
-    def _serve_once(self) -> bool:
-        """One round of the dispatcher; True when it is time to exit."""
+    def _serve_once(self, until: Future[Any] | None = None, end: float | None = None) -> bool:
+        """One round of the dispatcher; True when it is time to exit. A helper passes the
+        future it waits for and when it stops waiting: True then means that it may leave."""
         self._assign()
         if self._stopping and self._quiet():
             return True
         nearest = self._nearest_deadline()
+        parking = False
+        if until is not None:
+            if until.done() or _interrupted:
+                return True
+            if end is not None:
+                if time.monotonic() >= end:
+                    return True
+                nearest = end if nearest is None else min(nearest, end)
+        elif self._may_park():
+            parking = True
         events = self._poll_briefly() if self._expects_soon() else []
+        if parking and not events:
+            # The dispatcher thread waits without the role, once nothing is ready.
+            events = self._poller.poll(0)
+            if not events:
+                self._park()
+                return False
         if events:
             pass
         elif nearest is None:
@@ -479,12 +588,7 @@ class ProcessBackend(Backend):
             if fd == self._wake_r:
                 # Empty the pipe first, then accept new wakeups: the other order could
                 # swallow a wakeup whose batch arrives after the next _assign().
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
-                self._wake_sent = False
+                self._drain_wakeups()
                 continue
             proc = self._by_fd.get(fd)
             if proc is None or proc in dead:
@@ -500,6 +604,7 @@ class ProcessBackend(Backend):
                 # other worker. One that keeps running without its pipe is killed.
                 del self._by_fd[fd]
                 self._poller.unregister(fd)
+                self._park_set.unregister(fd)
                 if proc.kill_at is None:
                     proc.kill_at = time.monotonic() + KILL_GRACE
         for proc in dead:
@@ -514,6 +619,122 @@ class ProcessBackend(Backend):
                 self._fail_job(self._jobs.popleft(), lambda: NotRun(final=True))
         self._enforce_deadlines()
         return False
+
+    # -- parking and helping ------------------------------------------------------------------
+
+    def _may_park(self) -> bool:
+        """Whether the dispatcher thread may wait without the role: nothing is due at a
+        moment (a deadline, a kill, a job measured to end within microseconds), so that
+        every event it waits for comes through a pipe (see ``_park``)."""
+        if self._stopping or self._killing or self._broken:
+            return False
+        for proc in self._procs:
+            if proc.kill_at is not None:
+                return False
+            if proc.jobs and any(job.run.batch.timeout is not None for job in proc.jobs):
+                return False
+        return not any(job.run.batch.timeout is not None for job in self._jobs)
+
+    def _park(self) -> None:
+        """Wait without the role until something happens; return holding it.
+
+        The park set holds the wakeup pipe and every worker's pipe and sentinel: whatever
+        the dispatcher would act on wakes it. A helper holding the role meanwhile takes its
+        own worker's pipe out of the set while it waits on it (see ``help``), and handles
+        every other event itself; a parked dispatcher woken then waits for it to leave.
+        """
+        self._parked = True
+        self._role.release()
+        try:
+            while True:
+                try:
+                    self._park_set.poll()
+                except InterruptedError:
+                    continue
+                if not self._role.acquire(blocking=False):
+                    self._role.acquire()
+                break
+        finally:
+            self._parked = False
+
+    def _take_role(self) -> bool:
+        """Take the role from a parked dispatcher thread, if it is free; the caller must
+        ``_give_back`` it."""
+        return self._parked and self._role.acquire(blocking=False)
+
+    def _give_back(self) -> None:
+        """Let go of a role taken from the parked dispatcher thread; wake it if what is left
+        needs it awake."""
+        wake = self._helper_error is not None or not self._may_park()
+        self._role.release()
+        if wake:
+            self._wake()
+
+    def _lend(self) -> None:
+        """A thread that called ``submit`` while the dispatcher thread was parked sends the
+        work itself; if the caller waits for it next (``help``), it reads the outcome too."""
+        global _main_helping, _interrupted
+        if not _may_help_here():
+            self._wake()
+            return
+        main = threading.get_ident() == _MAIN_THREAD
+        if main:
+            _main_helping = self
+        try:
+            if not self._take_role():
+                self._wake()
+                return
+            try:
+                if self._parked and self._helper_error is None:
+                    self._assign()
+            except BaseException as exc:
+                self._helper_error = exc
+            finally:
+                self._give_back()
+        finally:
+            if main:
+                _main_helping = None
+                if _interrupted:
+                    _interrupted = False
+                    raise KeyboardInterrupt
+
+    def help(self, future: Future[Any], timeout: float | None) -> None:
+        """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
+        if the dispatcher thread is parked."""
+        global _main_helping, _interrupted
+        if not self._parked or not _may_help_here():
+            return
+        main = threading.get_ident() == _MAIN_THREAD
+        if main:
+            _main_helping = self
+        try:
+            if not self._take_role():
+                return
+            busy: list[int] = []
+            try:
+                if self._parked and self._helper_error is None:
+                    # The parked dispatcher must not wake for the answers we wait for.
+                    busy = [proc.fd for proc in self._procs if proc.jobs and proc.fd in self._by_fd]
+                    for fd in busy:
+                        self._park_set.modify(fd, 0)
+                    end = None if timeout is None else time.monotonic() + timeout
+                    while not self._serve_once(future, end):
+                        pass
+            except BaseException as exc:
+                # The dispatcher's state may be half-updated: the dispatcher thread ends
+                # the pool with this error, as it would end it with its own.
+                self._helper_error = exc
+            finally:
+                for fd in busy:
+                    if fd in self._by_fd:
+                        self._park_set.modify(fd, select.EPOLLIN)
+                self._give_back()
+        finally:
+            if main:
+                _main_helping = None
+                if _interrupted:
+                    _interrupted = False
+                    raise KeyboardInterrupt
 
     def _workers_may_spin(self) -> bool:
         """Whether idle workers may wait for work awake (see _worker.SPIN_SECONDS): only
@@ -606,6 +827,7 @@ class ProcessBackend(Backend):
         for fd in (proc.conn.fileno(), proc.process.sentinel):
             self._by_fd[fd] = proc
             self._poller.register(fd, select.POLLIN)
+            self._park_set.register(fd, select.EPOLLIN)
 
     def _assign(self) -> None:
         """Keep every worker busy: one job running and, when it is short, one more queued in
@@ -970,7 +1192,8 @@ class ProcessBackend(Backend):
             self._by_fd.pop(fd, None)
             try:
                 self._poller.unregister(fd)
-            except (KeyError, ValueError):
+                self._park_set.unregister(fd)
+            except (KeyError, ValueError, OSError):
                 pass
         proc.conn.close()
         _wire.forget_files_of(proc.process.pid or 0)
@@ -1156,6 +1379,8 @@ class ProcessBackend(Backend):
         for end in (self._lifeline_r, self._lifeline_w):
             if end is not None:
                 end.close()
+        if self._park_set is not None:
+            self._park_set.close()
         with self._start_lock:
             self._closed = True
             self._close_pipes()

@@ -1,0 +1,150 @@
+"""The thread that waits for a future may run the process pool's dispatcher meanwhile.
+
+When the pool is idle its dispatcher thread parks; a call submitted then is sent by the
+submitting thread, and its outcome read by the thread that waits for it. These tests check
+that this happens, and that everything still ends exactly once around it: other threads'
+calls, timeouts of the wait, crashes, Ctrl-C in the main thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import _process_funcs as funcs
+import pytest
+from _process_funcs import WAIT, Channel, read_line
+
+import conveyor
+
+
+def _finisher(future: cf.Future[object], seen: list[str]) -> None:
+    seen.append(threading.current_thread().name)
+
+
+def test_the_waiting_thread_reads_its_calls_outcome() -> None:
+    seen: list[str] = []
+    with conveyor.Pool("process", 2) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2  # workers started
+        for x in range(40):
+            future = pool.submit(funcs.double, x)
+            future.add_done_callback(lambda f: _finisher(f, seen))
+            assert future.result(WAIT) == 2 * x
+            assert type(future) is cf.Future
+    # A future's done callbacks run on the thread that completed it. The dispatcher thread
+    # may still take a call now and then (a race it is allowed to win), not all of them.
+    assert threading.current_thread().name in seen, seen
+
+
+def test_a_wait_that_times_out_leaves_the_call_running(started: Channel, release: Channel) -> None:
+    with conveyor.Pool("process", 2) as pool:
+        slow = pool.submit(funcs.report_and_wait, started.path, release.path, "done")
+        started.read_line()
+        with pytest.raises(cf.TimeoutError):
+            slow.result(timeout=0.05)
+        # The pool goes on meanwhile, on its other worker.
+        assert [pool.submit(funcs.double, x).result(WAIT) for x in range(20)] == [
+            2 * x for x in range(20)
+        ]
+        release.release(1)
+        assert slow.result(WAIT) == "done"
+
+
+def test_calls_of_other_threads_go_on_while_one_thread_waits(
+    started: Channel, release: Channel
+) -> None:
+    with conveyor.Pool("process", 2) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        slow = pool.submit(funcs.report_and_wait, started.path, release.path, "slow")
+        started.read_line()
+        results: list[int] = []
+        finished = threading.Event()
+
+        def other() -> None:
+            results.extend(pool.submit(funcs.double, x).result(WAIT) for x in range(30))
+            results.extend(pool.map(funcs.double, range(100)))
+            finished.set()
+
+        thread = threading.Thread(target=other)
+        waiter = threading.Thread(target=lambda: slow.exception(WAIT))
+        waiter.start()  # this thread waits for (and may be running the pool for) slow
+        thread.start()
+        assert finished.wait(WAIT), "calls of another thread stalled behind a waiting thread"
+        assert results == [2 * x for x in range(30)] + [2 * x for x in range(100)]
+        release.release(1)
+        assert slow.result(WAIT) == "slow"
+        thread.join(WAIT)
+        waiter.join(WAIT)
+
+
+def test_a_crash_while_the_waiting_thread_runs_the_pool_fails_only_that_call() -> None:
+    with conveyor.Pool("process", 2) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        for _ in range(3):
+            error = pool.submit(funcs.exit_now, 5).exception(WAIT)
+            assert isinstance(error, conveyor.WorkerCrashed), error
+            assert error.exitcode == 5
+            assert pool.submit(funcs.double, 4).result(WAIT) == 8
+
+
+def test_fire_and_forget_calls_end_without_anyone_waiting_for_them() -> None:
+    with conveyor.Pool("process", 2) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        futures = [pool.submit(funcs.double, x) for x in range(50)]
+        done, not_done = cf.wait(futures, timeout=WAIT)
+        assert not not_done
+        assert sorted(f.result() for f in done) == [2 * x for x in range(50)]
+
+
+_CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys, threading
+    from pathlib import Path
+    import conveyor
+    sys.path.insert(0, sys.argv[1])
+    import _process_funcs as funcs
+
+    started, release = funcs.Channel(Path("started")), funcs.Channel(Path("release"))
+    with conveyor.Pool("process", 2) as pool:
+        assert pool.submit(funcs.double, 1).result(60) == 2
+        slow = pool.submit(funcs.report_and_wait, started.path, release.path, "slow")
+
+        def interrupt():
+            started.read_line()  # the call runs
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        try:
+            slow.result(60)
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        print(pool.submit(funcs.double, 21).result(60), flush=True)
+        release.release(1)
+        print(slow.result(60), flush=True)
+    """
+)
+
+
+def test_ctrl_c_while_the_main_thread_waits_interrupts_the_wait_only(tmp_path: Path) -> None:
+    tests = str(Path(__file__).parent)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_SCRIPT, tests],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        assert child.stdout is not None
+        lines = [read_line(child.stdout, WAIT).strip() for _ in range(3)]
+        assert lines == ["interrupted", "42", "slow"], (lines, child.stderr)
+        assert child.wait(WAIT) == 0
+    finally:
+        child.kill()
+        child.wait(WAIT)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
