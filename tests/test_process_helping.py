@@ -148,3 +148,19 @@ def test_ctrl_c_while_the_main_thread_waits_interrupts_the_wait_only(tmp_path: P
         for stream in (child.stdout, child.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_shutdown_in_a_done_callback_does_not_wait_for_itself() -> None:
+    pool = conveyor.Pool("process", 2)
+    try:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        for x in range(5):
+            future = pool.submit(funcs.double, x)
+            if x == 4:
+                # It may run on this thread, which may be running the pool's loop.
+                future.add_done_callback(lambda f: pool.shutdown())
+            assert future.result(WAIT) == 2 * x
+    finally:
+        pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(funcs.double, 1)

@@ -391,6 +391,7 @@ class ProcessBackend(Backend):
         # The dispatcher role: its holder owns everything below (see the module's doc).
         self._role = threading.Lock()
         self._parked = False  # the dispatcher thread waits without the role
+        self._owner: int | None = None  # the thread that holds it
         self._helper_error: BaseException | None = None  # what stopped a helper's loop
         # Owned by the holder of the role.
         self._procs: list[_Proc] = []
@@ -455,7 +456,13 @@ class ProcessBackend(Backend):
                 self._close_pipes()
         if thread is not None:
             self._wake()
-            if wait and thread is not threading.current_thread():
+            # The dispatcher, or a thread running its loop (a callback of a future it ended
+            # calls shutdown), would wait for itself.
+            if (
+                wait
+                and thread is not threading.current_thread()
+                and self._owner != threading.get_ident()
+            ):
                 thread.join()
         _live.discard(self)
         _restore_interrupts()
@@ -522,6 +529,7 @@ class ProcessBackend(Backend):
 
     def _dispatch(self) -> None:
         self._role.acquire()
+        self._owner = threading.get_ident()
         try:
             self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
             if _forker.available(self._context):
@@ -624,8 +632,8 @@ class ProcessBackend(Backend):
 
     def _may_park(self) -> bool:
         """Whether the dispatcher thread may wait without the role: nothing is due at a
-        moment (a deadline, a kill, a job measured to end within microseconds), so that
-        every event it waits for comes through a pipe (see ``_park``)."""
+        moment (a deadline, a kill) and nothing is ending, so that every event it waits for
+        comes through a pipe (see ``_park``)."""
         if self._stopping or self._killing or self._broken:
             return False
         for proc in self._procs:
@@ -644,6 +652,7 @@ class ProcessBackend(Backend):
         every other event itself; a parked dispatcher woken then waits for it to leave.
         """
         self._parked = True
+        self._owner = None
         self._role.release()
         try:
             while True:
@@ -652,20 +661,27 @@ class ProcessBackend(Backend):
                 except InterruptedError:
                     continue
                 if not self._role.acquire(blocking=False):
+                    # A helper has it. No other may take it after this one: it is ours next.
+                    self._parked = False
                     self._role.acquire()
                 break
         finally:
             self._parked = False
+        self._owner = threading.get_ident()
 
     def _take_role(self) -> bool:
         """Take the role from a parked dispatcher thread, if it is free; the caller must
         ``_give_back`` it."""
-        return self._parked and self._role.acquire(blocking=False)
+        if self._parked and self._role.acquire(blocking=False):
+            self._owner = threading.get_ident()
+            return True
+        return False
 
     def _give_back(self) -> None:
         """Let go of a role taken from the parked dispatcher thread; wake it if what is left
         needs it awake."""
         wake = self._helper_error is not None or not self._may_park()
+        self._owner = None
         self._role.release()
         if wake:
             self._wake()
