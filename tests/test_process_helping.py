@@ -113,12 +113,16 @@ _CTRL_C_SCRIPT = textwrap.dedent(
         assert pool.submit(funcs.double, 1).result(60) == 2
         slow = pool.submit(funcs.report_and_wait, started.path, release.path, "slow")
 
+        waiting = threading.Event()
+
         def interrupt():
             started.read_line()  # the call runs
+            waiting.wait(60)  # and the main thread is in the try block below
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
         threading.Thread(target=interrupt, daemon=True).start()
         try:
+            waiting.set()
             slow.result(60)
         except KeyboardInterrupt:
             print("interrupted", flush=True)

@@ -538,8 +538,9 @@ class ProcessBackend(Backend):
                 )
             self._poller = select.poll()
             self._poller.register(self._wake_r, select.POLLIN)
-            self._park_set = select.epoll()
-            self._park_set.register(self._wake_r, select.EPOLLIN)
+            if hasattr(select, "epoll"):  # else the dispatcher thread never parks
+                self._park_set = select.epoll()
+                self._park_set.register(self._wake_r, select.EPOLLIN)
             while not self._serve_once():
                 if self._helper_error is not None:
                     raise self._helper_error
@@ -611,8 +612,7 @@ class ProcessBackend(Backend):
                 # sentinel, which the poll watches; waiting for it here would hold up every
                 # other worker. One that keeps running without its pipe is killed.
                 del self._by_fd[fd]
-                self._poller.unregister(fd)
-                self._park_set.unregister(fd)
+                self._unwatch(fd)
                 if proc.kill_at is None:
                     proc.kill_at = time.monotonic() + KILL_GRACE
         for proc in dead:
@@ -634,7 +634,7 @@ class ProcessBackend(Backend):
         """Whether the dispatcher thread may wait without the role: nothing is due at a
         moment (a deadline, a kill) and nothing is ending, so that every event it waits for
         comes through a pipe (see ``_park``)."""
-        if self._stopping or self._killing or self._broken:
+        if self._stopping or self._killing or self._broken or self._park_set is None:
             return False
         for proc in self._procs:
             if proc.kill_at is not None:
@@ -843,7 +843,18 @@ class ProcessBackend(Backend):
         for fd in (proc.conn.fileno(), proc.process.sentinel):
             self._by_fd[fd] = proc
             self._poller.register(fd, select.POLLIN)
-            self._park_set.register(fd, select.EPOLLIN)
+            if self._park_set is not None:
+                self._park_set.register(fd, select.EPOLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed: its number may be reused at once)."""
+        for watcher in (self._poller, self._park_set):
+            if watcher is None:
+                continue
+            try:
+                watcher.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass  # not watched any more
 
     def _assign(self) -> None:
         """Keep every worker busy: one job running and, when it is short, one more queued in
@@ -1206,11 +1217,7 @@ class ProcessBackend(Backend):
         self._procs.remove(proc)
         for fd in (proc.conn.fileno(), proc.process.sentinel):
             self._by_fd.pop(fd, None)
-            try:
-                self._poller.unregister(fd)
-                self._park_set.unregister(fd)
-            except (KeyError, ValueError, OSError):
-                pass
+            self._unwatch(fd)
         proc.conn.close()
         _wire.forget_files_of(proc.process.pid or 0)
         self._segments.release(proc.held)
