@@ -6,7 +6,8 @@ runs each call of a batch in order, fills in the batch's outcomes and hands it b
 
 The contract, for every backend:
 
-* ``submit(batch)`` queues a batch and returns at once; it never runs user code in the caller.
+* ``submit(batch)`` queues a batch and returns at once; it never runs the batch's calls in the
+  caller (a backend that ``helps`` may pickle and send it from there).
   A batch that arrives after ``shutdown(kill=True)`` is reported with ``batch.reject()``.
 * Before running a batch the backend calls ``batch.begin()``; when that returns False the batch
   was cancelled and must be dropped without a word.
