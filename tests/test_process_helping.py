@@ -108,6 +108,9 @@ _CTRL_C_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import _process_funcs as funcs
 
+    # As in a terminal, whatever this was started from (a shell's background job ignores it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     started, release = funcs.Channel(Path("started")), funcs.Channel(Path("release"))
     with conveyor.Pool("process", 2) as pool:
         assert pool.submit(funcs.double, 1).result(60) == 2

@@ -147,12 +147,32 @@ def _may_help_here() -> bool:
     if threading.get_ident() != _MAIN_THREAD:
         return True
     handler = _getsignal(_SIGINT)
-    if handler is _on_interrupt:
-        return True
+    if handler is _on_interrupt or handler in (signal.SIG_IGN, signal.SIG_DFL):
+        return True  # (no Python code runs for an ignored or default signal)
     if handler is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_interrupt)
         return True
     return False  # a handler of the program's own, which may raise anywhere
+
+
+def _hold_interrupts(backend: ProcessBackend) -> bool:
+    """Before the calling thread takes ``backend``'s role: if it is the main thread, Ctrl-C
+    waits from now on (see above). Returns whether it is."""
+    global _main_helping
+    if threading.get_ident() != _MAIN_THREAD:
+        return False
+    _main_helping = backend
+    return True
+
+
+def _release_interrupts(main: bool) -> None:
+    """After the role is given back: a Ctrl-C that waited is raised now."""
+    global _main_helping, _interrupted
+    if main:
+        _main_helping = None
+        if _interrupted:
+            _interrupted = False
+            raise KeyboardInterrupt
 
 
 def _restore_interrupts() -> None:
@@ -689,13 +709,10 @@ class ProcessBackend(Backend):
     def _lend(self) -> None:
         """A thread that called ``submit`` while the dispatcher thread was parked sends the
         work itself; if the caller waits for it next (``help``), it reads the outcome too."""
-        global _main_helping, _interrupted
         if not _may_help_here():
             self._wake()
             return
-        main = threading.get_ident() == _MAIN_THREAD
-        if main:
-            _main_helping = self
+        main = _hold_interrupts(self)
         try:
             if not self._take_role():
                 self._wake()
@@ -708,21 +725,14 @@ class ProcessBackend(Backend):
             finally:
                 self._give_back()
         finally:
-            if main:
-                _main_helping = None
-                if _interrupted:
-                    _interrupted = False
-                    raise KeyboardInterrupt
+            _release_interrupts(main)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
         if the dispatcher thread is parked."""
-        global _main_helping, _interrupted
         if not self._parked or not _may_help_here():
             return
-        main = threading.get_ident() == _MAIN_THREAD
-        if main:
-            _main_helping = self
+        main = _hold_interrupts(self)
         try:
             if not self._take_role():
                 return
@@ -746,11 +756,7 @@ class ProcessBackend(Backend):
                         self._park_set.modify(fd, select.EPOLLIN)
                 self._give_back()
         finally:
-            if main:
-                _main_helping = None
-                if _interrupted:
-                    _interrupted = False
-                    raise KeyboardInterrupt
+            _release_interrupts(main)
 
     def _workers_may_spin(self) -> bool:
         """Whether idle workers may wait for work awake (see _worker.SPIN_SECONDS): only
