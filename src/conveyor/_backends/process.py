@@ -17,8 +17,9 @@ Only the dispatcher touches workers. Other threads reach it through ``inbox`` an
 pipe, so no lock guards a worker's state.
 
 The dispatcher is a role (the ``_role`` lock), held by the dispatcher thread except while it
-*parks*: when no call is queued or running, it lets go of the role and waits only for a wakeup
-or a worker's end. A thread that then waits for a future of the pool (``help``) takes the role
+*parks*: when nothing is due at a moment (a deadline, a kill), it lets go of the role and
+waits only on pipes (the wakeup pipe, workers' pipes and sentinels). A thread that submits
+then sends its call itself (``_lend``); a thread that waits for a future (``help``) takes the role
 and runs the dispatcher's loop itself until its future is done: it sends the call, waits for
 the worker's answer and reads it, where the parked thread would have had to wake, do it and
 wake the waiter in turn (each wake-up costs tens of microseconds on a virtual machine, about
@@ -177,11 +178,7 @@ def _release_interrupts(main: bool) -> None:
 
 def _restore_interrupts() -> None:
     """Put Python's default SIGINT handler back once no pool is left to help."""
-    if (
-        not _live
-        and threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is _on_interrupt
-    ):
+    if not _live and threading.get_ident() == _MAIN_THREAD and _getsignal(_SIGINT) is _on_interrupt:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -598,13 +595,14 @@ class ProcessBackend(Backend):
                 nearest = end if nearest is None else min(nearest, end)
         elif self._may_park():
             parking = True
-        events = self._poll_briefly() if self._expects_soon() else []
+        if self._expects_soon():
+            events = self._poll_briefly()
+        else:
+            events = self._poller.poll(0) if parking else []
         if parking and not events:
             # The dispatcher thread waits without the role, once nothing is ready.
-            events = self._poller.poll(0)
-            if not events:
-                self._park()
-                return False
+            self._park()
+            return False
         if events:
             pass
         elif nearest is None:
@@ -652,16 +650,11 @@ class ProcessBackend(Backend):
 
     def _may_park(self) -> bool:
         """Whether the dispatcher thread may wait without the role: nothing is due at a
-        moment (a deadline, a kill) and nothing is ending, so that every event it waits for
-        comes through a pipe (see ``_park``)."""
+        moment (a deadline, a kill), so that every event it waits for comes through a pipe
+        (see ``_park``). A call's deadline is set as it starts, by whoever holds the role."""
         if self._stopping or self._killing or self._broken or self._park_set is None:
             return False
-        for proc in self._procs:
-            if proc.kill_at is not None:
-                return False
-            if proc.jobs and any(job.run.batch.timeout is not None for job in proc.jobs):
-                return False
-        return not any(job.run.batch.timeout is not None for job in self._jobs)
+        return self._nearest_deadline() is None
 
     def _park(self) -> None:
         """Wait without the role until something happens; return holding it.
