@@ -40,6 +40,20 @@ def test_the_waiting_thread_reads_its_calls_outcome() -> None:
     assert threading.current_thread().name in seen, seen
 
 
+def test_apply_async_get_reads_its_calls_outcome_too() -> None:
+    seen: list[str] = []
+    with conveyor.Pool("process", 2) as pool:
+        assert pool.apply(funcs.double, (1,)) == 2  # workers started
+        for x in range(40):
+            outcome = pool.apply_async(
+                funcs.double, (x,), callback=lambda _: seen.append(threading.current_thread().name)
+            )
+            assert outcome.get(WAIT) == 2 * x
+            assert outcome.ready() and outcome.successful()
+    assert len(seen) == 40  # get() returned after each call's callback, never before
+    assert threading.current_thread().name in seen, seen
+
+
 def test_a_wait_that_times_out_leaves_the_call_running(started: Channel, release: Channel) -> None:
     with conveyor.Pool("process", 2) as pool:
         slow = pool.submit(funcs.report_and_wait, started.path, release.path, "done")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -114,12 +116,23 @@ class AsyncResult:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the call has ended or ``timeout`` seconds passed."""
-        self._settled.wait(timeout)
+        self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> bool:
+        # Through the future first: its waiter may run the pool meanwhile (a process pool
+        # reads the call's outcome on this thread), as ``future.result()`` does. The callback
+        # that settles this object may still be running on another thread after that.
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._future.exception(timeout)
+        except (CancelledError, FutureTimeoutError):
+            pass
+        return self._settled.wait(None if end is None else max(0.0, end - time.monotonic()))
 
     def get(self, timeout: float | None = None) -> Any:
         """The call's result; its exception is raised; ``multiprocessing.TimeoutError`` if
         it has not ended within ``timeout`` seconds."""
-        if not self._settled.wait(timeout):
+        if not self._wait(timeout):
             raise multiprocessing.TimeoutError(f"no result within {timeout} s")
         if self._callback_error is not None:
             raise self._callback_error
