@@ -32,6 +32,11 @@ def fib(n: int) -> int:
     return n if n < 2 else fib(n - 1) + fib(n - 2)
 
 
+def fib_all(ns: list[int]) -> list[int]:
+    """``fib`` of each of ``ns``, in one call."""
+    return [fib(n) for n in ns]
+
+
 def array_sum(array: Any) -> float:
     return float(array.sum())
 
