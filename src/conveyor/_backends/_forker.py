@@ -106,10 +106,18 @@ class ForkedProcess:
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until its exit status has come (or the forker is gone), at most ``timeout``."""
+        self._wait_for(lambda: self.ended, timeout)
+
+    def wait_for_pid(self, timeout: float) -> None:
+        """Wait until its pid has come (the forker sends it just after the fork), or it has
+        ended, at most ``timeout``."""
+        self._wait_for(lambda: self.pid is not None or self.ended, timeout)
+
+    def _wait_for(self, condition: Callable[[], bool], timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(self.sentinel, select.POLLIN)
-        while not self._closed and not self.ended:
+        while not self._closed and not condition():
             if deadline is None:
                 wait = None
             else:
@@ -191,6 +199,12 @@ class Forker:
         if worker.forker == self._started:
             self._forget()
         return True
+
+    def kill(self, worker: ForkedProcess) -> None:
+        """Kill the forker of ``worker``, which does not answer. The kernel kills its workers
+        with it; their status pipes close, and each is then ``lost``."""
+        if worker.forker == self._started and self._process is not None:
+            self._process.kill()
 
     def _send(self, request: bytes, fds: list[int]) -> None:
         if self._control is None:

@@ -1348,10 +1348,16 @@ class ProcessBackend(Backend):
         for _ in range(wanted - have):
             self._spawn(spare=True)
 
-    @staticmethod
-    def _signal(proc: _Proc, signum: int) -> None:
-        if isinstance(proc.process, ForkedProcess) and proc.process.pid is None:
-            proc.process.read_status()  # the pid may be in the status pipe still
+    def _signal(self, proc: _Proc, signum: int) -> None:
+        forked = proc.process
+        if isinstance(forked, ForkedProcess) and forked.pid is None:
+            # Asked of the forker a moment ago: its pid comes through the status pipe as soon
+            # as it is forked. Without it the signal would be lost, and a worker stopped at a
+            # deadline or by terminate() would run on.
+            forked.wait_for_pid(STOP_GRACE)
+            if forked.pid is None and not forked.ended and self._forker is not None:
+                # The forker does not answer: it goes, and takes its workers with it.
+                self._forker.kill(forked)
         pid = proc.process.pid
         if pid is None:
             return
@@ -1372,10 +1378,12 @@ class ProcessBackend(Backend):
             self._fail_job(job, NotRun)
         self._jobs.clear()
         for proc in self._procs:
+            running = bool(proc.jobs)
             while proc.jobs:
                 self._fail_job(proc.jobs.popleft(), NotRun)
-            if proc.kill_at is not None:
+            if proc.kill_at is not None or running:
                 # Stopped at a deadline and still there after SIGTERM: no grace is left now.
+                # Or running a call when the pool broke: nobody will read its outcome.
                 self._signal(proc, signal.SIGKILL)
             elif not proc.leaving:
                 proc.leaving = True
