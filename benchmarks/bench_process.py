@@ -436,8 +436,8 @@ def _cpu_case() -> None:
     split = f"reference: split ahead of time into {FIB_WORKERS} equal shares, one call each"
 
     def run_split() -> list[int]:
-        # The best any pool could do on this machine now: the longest calls first, each to
-        # the lighter share (from the durations measured above), one call per worker.
+        # What a pool that knew every call's duration could do: the longest calls first, each
+        # to the lighter share (from the durations measured above), one call per worker.
         pending = [split_pool.apply_async(fib_all, (share,)) for share in shares]
         value: dict[int, int] = {}
         for share, outcome in zip(shares, pending, strict=True):
@@ -482,9 +482,9 @@ def _cpu_case() -> None:
         f"cost at all: {bound:.3f}x (from each fib(n)'s measured time here)"
     )
     note(
-        f"the equal shares are the machine's own ceiling for this work in this run: "
-        f"{_ratio(base, results[split].median):.2f}x, where {FIB_WORKERS} CPUs would give "
-        f"{FIB_WORKERS}x"
+        f"equal shares: what knowing each call's duration ahead of time gives here, "
+        f"{_ratio(base, results[split].median):.2f}x where {FIB_WORKERS} equal CPUs would give "
+        f"{FIB_WORKERS}x; a share cannot move off a CPU that slows down, a pool's next call can"
     )
     mine = results[CONVEYOR].median
     floor(
