@@ -185,3 +185,45 @@ def test_shutdown_in_a_done_callback_does_not_wait_for_itself() -> None:
         pool.shutdown()
     with pytest.raises(RuntimeError):
         pool.submit(funcs.double, 1)
+
+
+_WAITS = {
+    "result": lambda pool: pool.submit(funcs.double, 3).result(WAIT),
+    "apply_async": lambda pool: pool.apply_async(funcs.double, (3,)).get(WAIT),
+    "map": lambda pool: list(pool.map(funcs.double, range(3), timeout=WAIT)),
+    "shutdown": lambda pool: pool.shutdown(),
+}
+
+
+@pytest.mark.parametrize("wait", sorted(_WAITS))
+def test_a_done_callback_that_waits_for_the_same_pool_gets_an_error_not_a_hang(
+    wait: str, started: Channel, release: Channel
+) -> None:
+    # A done callback runs on the thread that runs the pool's loop (the dispatcher thread, or
+    # the thread that waits): a call it waited for could never end.
+    outcome: list[BaseException | None] = []
+    called = threading.Event()
+
+    def callback(_: cf.Future[object]) -> None:
+        try:
+            _WAITS[wait](pool)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+        called.set()
+
+    with conveyor.Pool("process", 2) as pool:
+        first = pool.submit(funcs.report_and_wait, started.path, release.path, "first")
+        started.read_line()
+        first.add_done_callback(callback)  # added while the call runs: it runs on the loop
+        release.release(1)
+        assert first.result(WAIT) == "first"
+        assert called.wait(WAIT)
+        (error,) = outcome
+        assert isinstance(error, RuntimeError), error
+        assert "would wait for ever" in str(error)
+        if wait == "shutdown":
+            with pytest.raises(RuntimeError, match="after shutdown"):
+                pool.submit(funcs.double, 4)
+        else:
+            assert pool.submit(funcs.double, 4).result(WAIT) == 8

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._backends._base import Batch
+from ._backends._base import Batch, waits_for_itself
 from ._errors import Timeout
 
 if TYPE_CHECKING:
@@ -194,6 +194,9 @@ class _MapState:
     def _wait(self) -> Batch:
         """The next batch to complete; each one measured and followed by a refill, so that a
         slow head of line does not starve the workers."""
+        if self._done.empty() and self._pool._backend.runs_loop_here():
+            self.close()
+            raise waits_for_itself("waiting for a map's results")
         if self._deadline is None:
             batch = self._done.get()
         else:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from ._backends import lookup
-from ._backends._base import Backend, Batch, NotRun, offer_help, plain
+from ._backends._base import Backend, Batch, NotRun, offer_help, plain, waits_for_itself
 from ._errors import BrokenPool, InitializerFailed, PoolFull, TaskTimeout
 from ._map import map_results
 from ._progress import length_of, track
@@ -347,6 +347,11 @@ class Pool(Executor):
                             f"{self._pending} calls are already waiting (max_pending="
                             f"{self._max_pending}); retry later or use submit() to wait"
                         )
+                    if self._backend.runs_loop_here():
+                        raise waits_for_itself(
+                            "submit() blocking at max_pending",
+                            "Use submit_nowait(), or submit outside the callback",
+                        )
                     self._room.wait()
                     # Broken before shut down: a broken pool is also shut down.
                     if self._broken is not None:
@@ -574,6 +579,12 @@ class Pool(Executor):
                     "shutdown(wait=True) was called from inside one of this pool's own calls, "
                     "which would wait for itself; the pool is shut down, but to wait for it, "
                     "call shutdown() from outside the pool (or pass wait=False here)"
+                )
+            if self._backend.runs_loop_here():
+                raise waits_for_itself(
+                    "shutdown(wait=True), join() or terminate()",
+                    "The pool is shut down; to wait for it, call shutdown() outside the "
+                    "callback (or pass wait=False here)",
                 )
             with self._lock:
                 while self._active:

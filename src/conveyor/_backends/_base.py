@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, ClassVar
 
-__all__ = ["Backend", "Batch", "NotRun", "offer_help", "plain"]
+__all__ = ["Backend", "Batch", "NotRun", "offer_help", "plain", "waits_for_itself"]
 
 
 class NotRun(Exception):
@@ -240,3 +240,18 @@ class Backend(abc.ABC):
     def in_worker(self) -> bool:
         """Whether the calling thread is one of this backend's workers (running a call)."""
         return False
+
+    def runs_loop_here(self) -> bool:
+        """Whether the calling thread runs the backend's own loop (a done callback that it
+        runs): no call of the backend can end while this thread waits for it."""
+        return False
+
+
+def waits_for_itself(what: str, fix: str = "") -> RuntimeError:
+    """The error for a wait, from a thread that runs its backend's loop, for calls of the same
+    pool (see ``Backend.runs_loop_here``): it would wait for ever."""
+    return RuntimeError(
+        f"{what} in a done callback of a future of the same pool would wait for ever: only "
+        "the thread running the callback could end the calls it waits for. "
+        + (fix or "Chain calls with add_done_callback, or wait for them outside the callback")
+    )

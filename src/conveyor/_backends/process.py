@@ -64,7 +64,7 @@ from typing import Any
 
 from .._errors import BrokenPool, PicklingFailed, TaskTimeout, UnpicklingFailed, WorkerCrashed
 from . import _forker, _wire, _worker
-from ._base import Backend, Batch, NotRun
+from ._base import Backend, Batch, NotRun, waits_for_itself
 from ._forker import ForkedProcess, Forker
 
 __all__ = ["ProcessBackend", "default_context"]
@@ -490,6 +490,10 @@ class ProcessBackend(Backend):
     def live_workers(self) -> int:
         return sum(1 for proc in list(self._procs) if not proc.leaving and not proc.spare)
 
+    def runs_loop_here(self) -> bool:
+        # (Only the holder sets _owner to its own ident, and clears it before letting go.)
+        return self._owner == threading.get_ident()
+
     # -- internals: starting and waking -------------------------------------------------------
 
     def _start(self) -> None:
@@ -571,6 +575,7 @@ class ProcessBackend(Backend):
             try:
                 self._finish_all()
             finally:
+                self._owner = None  # (a later thread may be given this one's ident)
                 self._role.release()
 
     def _fail_pool(self, error: BrokenPool) -> None:
@@ -723,6 +728,8 @@ class ProcessBackend(Backend):
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
         if the dispatcher thread is parked."""
+        if self.runs_loop_here():
+            raise waits_for_itself("waiting for a call's future")
         if not self._parked or not _may_help_here():
             return
         main = _hold_interrupts(self)
