@@ -339,6 +339,16 @@ def test_an_argument_whose_reduce_raises_fails_its_call_alone() -> None:
         assert pool.submit(funcs.type_name, "x").result(WAIT) == "str"
 
 
+def test_a_pool_sent_to_its_workers_fails_that_call_with_a_clear_error() -> None:
+    with conveyor.Pool("process", 2) as pool:
+        with pytest.raises(TypeError, match="a conveyor.Pool cannot be pickled"):
+            pickle.dumps(pool)
+        error = pool.submit(funcs.type_name, pool).exception(WAIT)
+        assert isinstance(error, conveyor.PicklingFailed)
+        assert "create a pool where it is used" in str(error)
+        assert pool.submit(funcs.type_name, "x").result(WAIT) == "str"
+
+
 def test_a_function_that_cannot_be_pickled_fails_its_calls() -> None:
     lock = threading.Lock()
 

@@ -632,6 +632,12 @@ class Pool(Executor):
     def __enter__(self) -> Pool:
         return self
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a conveyor.Pool cannot be pickled (sent to a worker process, say): it owns this "
+            "process's threads and workers; create a pool where it is used instead"
+        )
+
     # -- observing --------------------------------------------------------------------------
 
     @property
