@@ -220,6 +220,18 @@ def segfault(*_: Any) -> None:
     ctypes.string_at(0)
 
 
+def close_every_descriptor(x: int) -> int:
+    """Close every file descriptor of the worker (its pipes and its sentinel among them)."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    return x
+
+
+def leave_a_thread(x: int) -> int:
+    """Return, leaving a thread (not a daemon) that never ends."""
+    threading.Thread(target=threading.Event().wait, name="left-behind").start()
+    return x
+
+
 def crash_first_time(marker: str, value: Any) -> Any:
     """Crash the worker the first time (creating ``marker``), return ``value`` after that."""
     try:

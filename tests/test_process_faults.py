@@ -34,6 +34,7 @@ import pytest
 from _process_funcs import WAIT, Channel, read_line, wait_gone
 
 import conveyor
+from conveyor._backends.process import ProcessBackend
 
 #: A per-call timeout long enough for any call that is not stuck, even on a loaded machine.
 TIMEOUT = 3.0
@@ -122,6 +123,35 @@ def test_a_crashing_call_fails_alone_and_the_pool_goes_on(
         stats = pool.statistics()
     assert (stats.failed, stats.cancelled) == (2, 0)
     assert_counts_add_up(stats)
+
+
+@EVERY_METHOD
+def test_a_call_that_closes_every_descriptor_of_its_worker_fails_alone(method: str) -> None:
+    # Its sentinel closes with them while the worker runs on: multiprocessing would take that
+    # for an exit and wait for the process without end.
+    with conveyor.Pool("process", 2, mp_context=context(method)) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        error = pool.submit(funcs.close_every_descriptor, 2).exception(WAIT)
+        assert isinstance(error, conveyor.WorkerCrashed), error
+        assert [pool.submit(funcs.double, x).result(WAIT) for x in range(4)] == [0, 2, 4, 6]
+
+
+@EVERY_METHOD
+def test_a_thread_that_a_call_leaves_running_does_not_hold_its_worker_at_shutdown(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signals: list[int] = []
+    send = ProcessBackend._signal
+
+    def recording(backend: ProcessBackend, proc: Any, signum: int) -> None:
+        signals.append(signum)
+        send(backend, proc, signum)
+
+    monkeypatch.setattr(ProcessBackend, "_signal", recording)
+    with conveyor.Pool("process", 1, mp_context=context(method)) as pool:
+        assert pool.submit(funcs.leave_a_thread, 5).result(WAIT) == 5
+    # Told to stop, the worker exited without waiting for that thread: it was not killed.
+    assert signals == []
 
 
 @EVERY_METHOD
@@ -341,7 +371,7 @@ def test_an_argument_whose_reduce_raises_fails_its_call_alone() -> None:
 
 def test_a_pool_sent_to_its_workers_fails_that_call_with_a_clear_error() -> None:
     with conveyor.Pool("process", 2) as pool:
-        with pytest.raises(TypeError, match="a conveyor.Pool cannot be pickled"):
+        with pytest.raises(TypeError, match=r"a conveyor\.Pool cannot be pickled"):
             pickle.dumps(pool)
         error = pool.submit(funcs.type_name, pool).exception(WAIT)
         assert isinstance(error, conveyor.PicklingFailed)

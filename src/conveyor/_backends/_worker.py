@@ -257,6 +257,29 @@ def main(
             return
 
 
+def process_main(*args: Any) -> None:
+    """Entry point of a worker started by ``multiprocessing`` (rather than by ``_forker``):
+    ``main``, then exit at once, as a forked worker does. ``multiprocessing`` would wait first
+    for every thread that a call left running, and the pool would have to kill the worker."""
+    code = 1
+    try:
+        main(*args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            from multiprocessing import util
+
+            util._exit_function()  # type: ignore[attr-defined]
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 def _run(
     data: memoryview,
     functions: dict[int, Callable[..., Any]],

@@ -48,6 +48,7 @@ import importlib
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import select
 import signal
@@ -827,7 +828,7 @@ class ProcessBackend(Backend):
             )
         context: Any = self._context  # typeshed's BaseContext lacks Process
         process = context.Process(
-            target=_worker.main,
+            target=_worker.process_main,
             args=(
                 child_end,
                 self._lifeline_r,
@@ -1218,7 +1219,7 @@ class ProcessBackend(Backend):
                     break
         except (EOFError, OSError):
             pass
-        proc.process.join(timeout=STOP_GRACE)
+        self._reap(proc, STOP_GRACE)
         code = proc.process.exitcode
         self._procs.remove(proc)
         for fd in (proc.conn.fileno(), proc.process.sentinel):
@@ -1373,6 +1374,23 @@ class ProcessBackend(Backend):
         except (ProcessLookupError, PermissionError):
             pass
 
+    def _reap(self, proc: _Proc, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for ``proc`` to exit, kill it if it has not, and
+        collect its exit status."""
+        process = proc.process
+        if isinstance(process, ForkedProcess):
+            process.join(timeout=timeout)
+            running = not process.ended
+        else:
+            # multiprocessing's join() takes a closed sentinel for an exit, then waits for
+            # the process without a timeout: a worker whose call closed every descriptor it
+            # had (the sentinel's among them) runs on. So wait for the sentinel, then ask.
+            closed = bool(multiprocessing.connection.wait([process.sentinel], timeout))
+            running = process.is_alive() and not (closed and _exits_within(process, KILL_GRACE))
+        if running:
+            self._signal(proc, signal.SIGKILL)
+            process.join()
+
     def _kill_all(self) -> None:
         for proc in self._procs:
             if not proc.leaving:
@@ -1402,10 +1420,7 @@ class ProcessBackend(Backend):
             self._forker.quit()  # it exits as soon as its last worker has
         deadline = time.monotonic() + STOP_GRACE
         for proc in self._procs:
-            proc.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if proc.process.exitcode is None:
-                self._signal(proc, signal.SIGKILL)
-                proc.process.join()
+            self._reap(proc, max(0.0, deadline - time.monotonic()))
             proc.conn.close()
             _wire.forget_files_of(proc.process.pid or 0)
             proc.process.close()
@@ -1424,6 +1439,32 @@ class ProcessBackend(Backend):
             late = self.drain()
         for batch in late:
             batch.reject()
+
+
+def _exits_within(process: BaseProcess, seconds: float) -> bool:
+    """Whether ``process``, whose sentinel has closed, exits within ``seconds``: a process's
+    descriptors close as it exits, a moment before its exit status can be collected."""
+    deadline = time.monotonic() + seconds
+    try:
+        exited = select.poll()
+        pidfd = os.pidfd_open(process.pid or 0)  # readable once the process has exited
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        if pidfd is not None:
+            exited.register(pidfd, select.POLLIN)
+        while process.is_alive():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd is None:
+                time.sleep(min(0.01, left))  # no pidfd (Linux before 5.3): ask again soon
+            else:
+                exited.poll(left * 1000.0 + 1)
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _unreadable_result(error: BaseException) -> UnpicklingFailed:
