@@ -185,3 +185,42 @@ def test_large_messages_never_wait_in_a_pipe_behind_a_running_job(
         assert child.stdout is not None
         assert read_line(child.stdout, WAIT).strip() == "done"
         assert child.wait(WAIT) == 0
+
+
+def use_shm_dir(path: str) -> None:
+    """A worker's initializer: write large results under ``path``, not /dev/shm."""
+    _wire._SHM_DIR = path
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path) -> Iterator[str]:
+    """A 4 MB tmpfs, a /dev/shm with little room (Docker gives containers 64 MB)."""
+    where = tmp_path / "shm"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield str(where)
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=False)
+
+
+def test_large_data_travels_in_the_pipe_when_shared_memory_is_full(
+    small_shm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writing through a mapping of a file that the tmpfs has no room for kills the process
+    # with SIGBUS: the pool must find out before it writes, and send the data another way.
+    monkeypatch.setattr(_wire, "_SHM_DIR", small_shm)
+    array = np.arange(2_000_000, dtype=np.float64)  # 16 MB, four times the room
+    with conveyor.Pool("process", 2, initializer=use_shm_dir, initargs=(small_shm,)) as pool:
+        assert pool.submit(total, array).result(WAIT) == float(array.sum())
+        assert np.array_equal(pool.submit(funcs.identity, array).result(WAIT), array)
+        small = np.arange(200_000, dtype=np.float64)  # 1.6 MB: fits, and still goes that way
+        assert pool.submit(total, small).result(WAIT) == float(small.sum())
+    assert os.listdir(small_shm) == []

@@ -549,7 +549,10 @@ class Segments:
         name = f"{_prefix(os.getpid())}s{next(_names)}-{secrets.token_hex(4)}"
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, capacity)
+            # Reserve the memory now: writing through a mapping of a sparse file that /dev/shm
+            # has no room for (64 MB in a default Docker container) kills the process with
+            # SIGBUS, where this raises OSError and the buffer travels another way.
+            _allocate(fd, capacity)
             return name, mmap.mmap(fd, capacity)
         except BaseException:
             forget_files([name])
@@ -622,6 +625,13 @@ def forget_files_of(pid: int) -> None:
     except OSError:
         return
     forget_files(names)
+
+
+def _allocate(fd: int, size: int) -> None:
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+    else:  # pragma: no cover - not on Linux
+        os.ftruncate(fd, size)
 
 
 def _write_file(data: memoryview) -> tuple[str, int]:
