@@ -386,3 +386,36 @@ def test_an_initializer_that_cannot_be_pickled_is_refused_at_once() -> None:
 def test_the_default_worker_count_is_the_usable_cpu_count() -> None:
     with conveyor.Pool("process") as pool:
         assert pool.workers == len(os.sched_getaffinity(0))
+
+
+@_FORK_OK
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_a_child_forked_from_the_pools_process_is_told_it_cannot_use_the_pool(
+    backend: str,
+) -> None:
+    with conveyor.Pool(backend, 2) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        report_r, report_w = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            code = 1
+            try:
+                try:
+                    pool.submit(funcs.double, 2)
+                except RuntimeError as exc:
+                    if "child forked from it" in str(exc):
+                        code = 2
+                pool.shutdown()  # returns at once: nothing of the pool's runs here
+                if code == 2:
+                    code = 3
+            finally:
+                os.write(report_w, bytes([code]))
+                os._exit(0)
+        os.close(report_w)
+        try:
+            with os.fdopen(report_r, "rb") as report:
+                assert report.read() == bytes([3])
+        finally:
+            os.waitpid(child, 0)
+        # The parent's pool goes on.
+        assert pool.submit(funcs.double, 3).result(WAIT) == 6

@@ -9,6 +9,7 @@ reports their outcomes through ``Batch.begin``/``Batch.finish``, which land in `
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 import weakref
@@ -137,6 +138,12 @@ class AsyncResult:
         if self._callback_error is not None:
             raise self._callback_error
         return self._future.result()
+
+
+def _drop_backend(backend: Backend, pid: int) -> None:
+    """A pool dropped without shutdown stops its backend, in the process that made it."""
+    if os.getpid() == pid:
+        backend.shutdown(wait=False)
 
 
 def _check_timeout(name: str, value: float | None) -> None:
@@ -288,7 +295,8 @@ class Pool(Executor):
             **options,
         )
         # A pool dropped without shutdown still stops its workers.
-        self._finalizer = weakref.finalize(self, self._backend.shutdown, False)
+        self._pid = os.getpid()  # a forked child cannot use the pool (see _check_process)
+        self._finalizer = weakref.finalize(self, _drop_backend, self._backend, self._pid)
         # At exit the backends' own hook stops every pool and waits for it; this one, run
         # first, would stop it without waiting and race with multiprocessing's exit handler.
         self._finalizer.atexit = False
@@ -335,6 +343,7 @@ class Pool(Executor):
     def _enqueue(self, batch: Batch, *, block: bool, counted: bool) -> None:
         """Hand ``batch`` to the backend; ``counted`` batches bypass ``max_pending``
         (a map bounds itself)."""
+        self._check_process()
         with self._lock:
             if self._broken is not None:
                 raise self._broken
@@ -571,6 +580,12 @@ class Pool(Executor):
             >>> pool = conveyor.Pool()
             >>> pool.shutdown()
         """
+        if os.getpid() != self._pid:
+            # A forked child's copy: the workers are the parent's, and so may be the locks
+            # (held by threads that the child does not have). Nothing here is to stop.
+            self._shutdown = True
+            self._finalizer.detach()
+            return
         self._stop(cancel=cancel_futures, kill=False)
         if wait:
             if self._backend.in_worker():
@@ -631,6 +646,14 @@ class Pool(Executor):
 
     def __enter__(self) -> Pool:
         return self
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"this pool belongs to process {self._pid}, and this process is a child forked "
+                "from it: the pool's workers and threads are not here. Create the pool in this "
+                "process, after the fork"
+            )
 
     def __reduce__(self) -> Any:
         raise TypeError(

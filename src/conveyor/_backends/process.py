@@ -106,7 +106,8 @@ _live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
 
 def _stop_all_at_exit() -> None:
     for backend in list(_live):
-        backend.shutdown(wait=True)
+        if backend._pid == os.getpid():  # (not in a child forked from the pool's process)
+            backend.shutdown(wait=True)
 
 
 atexit.register(_stop_all_at_exit)
@@ -431,6 +432,7 @@ class ProcessBackend(Backend):
         self._park_set: Any = None  # the same in an epoll, which a parked dispatcher waits on
         self._by_fd: dict[int, _Proc] = {}
         self._names = itertools.count()
+        self._pid = os.getpid()
         _live.add(self)
 
     @staticmethod
