@@ -26,11 +26,20 @@ def _finisher(future: cf.Future[object], seen: list[str]) -> None:
     seen.append(threading.current_thread().name)
 
 
+def _work_of_its_own() -> int:
+    """What a caller does between two calls (a millisecond or so of CPU). Calls that follow
+    each other at once can keep the dispatcher thread awake, doing every call itself: it
+    reads one answer before its next call comes, and never parks in between. Whether it
+    parks depends on how fast this Python runs, compared with the worker."""
+    return sum(range(20_000))
+
+
 def test_the_waiting_thread_reads_its_calls_outcome() -> None:
     seen: list[str] = []
     with conveyor.Pool("process", 2) as pool:
         assert pool.submit(funcs.double, 1).result(WAIT) == 2  # workers started
         for x in range(40):
+            _work_of_its_own()
             future = pool.submit(funcs.double, x)
             future.add_done_callback(lambda f: _finisher(f, seen))
             assert future.result(WAIT) == 2 * x
@@ -45,6 +54,7 @@ def test_apply_async_get_reads_its_calls_outcome_too() -> None:
     with conveyor.Pool("process", 2) as pool:
         assert pool.apply(funcs.double, (1,)) == 2  # workers started
         for x in range(40):
+            _work_of_its_own()
             outcome = pool.apply_async(
                 funcs.double, (x,), callback=lambda _: seen.append(threading.current_thread().name)
             )
