@@ -405,7 +405,10 @@ def test_a_child_forked_from_the_pools_process_is_told_it_cannot_use_the_pool(
                 except RuntimeError as exc:
                     if "child forked from it" in str(exc):
                         code = 2
-                pool.shutdown()  # returns at once: nothing of the pool's runs here
+                # Each returns at once: nothing of the pool's runs here.
+                pool.close()
+                pool.terminate()
+                pool.shutdown()
                 if code == 2:
                     code = 3
             finally:

@@ -580,13 +580,9 @@ class Pool(Executor):
             >>> pool = conveyor.Pool()
             >>> pool.shutdown()
         """
-        if os.getpid() != self._pid:
-            # A forked child's copy: the workers are the parent's, and so may be the locks
-            # (held by threads that the child does not have). Nothing here is to stop.
-            self._shutdown = True
-            self._finalizer.detach()
-            return
         self._stop(cancel=cancel_futures, kill=False)
+        if os.getpid() != self._pid:
+            return  # (see _stop)
         if wait:
             if self._backend.in_worker():
                 # Waiting here would wait for the very call that waits: a deadlock.
@@ -627,6 +623,12 @@ class Pool(Executor):
         self.shutdown(wait=True)
 
     def _stop(self, *, cancel: bool, kill: bool) -> None:
+        if os.getpid() != self._pid:
+            # A forked child's copy: the workers are the parent's, and so may be the locks
+            # (held by threads that the child does not have). Nothing here is to stop.
+            self._shutdown = True
+            self._finalizer.detach()
+            return
         with self._lock:
             self._shutdown = True
             # No reruns either: a retry or a rerun is a call that has not started.
