@@ -432,8 +432,8 @@ def _fork(
         return 0
     if pid:
         return pid
-    code = 1
-    try:
+
+    def become_worker() -> int:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         control.close()
@@ -444,19 +444,11 @@ def _fork(
             if os.getppid() != forker:
                 os._exit(70)  # the forker died before we asked
             watch = None
-        code = _run_worker(name, fds[0], fds[1], watch, init_blob, spin)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        import traceback
+        return _run_worker(name, fds[0], fds[1], watch, init_blob, spin)
 
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    from . import _worker
+
+    _worker.exit_after(become_worker)
 
 
 def _run_worker(

@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _wire
 
@@ -261,19 +261,31 @@ def process_main(*args: Any) -> None:
     """Entry point of a worker started by ``multiprocessing`` (rather than by ``_forker``):
     ``main``, then exit at once, as a forked worker does. ``multiprocessing`` would wait first
     for every thread that a call left running, and the pool would have to kill the worker."""
+
+    def run() -> int:
+        from multiprocessing import util
+
+        try:
+            main(*args)
+        finally:
+            util._exit_function()  # type: ignore[attr-defined]
+        return 0
+
+    exit_after(run)
+
+
+def exit_after(body: Callable[[], int]) -> NoReturn:
+    """Run ``body``, then end the process at once with the exit code it returns (1 if it
+    raises), without waiting for other threads or running ``atexit`` handlers."""
     code = 1
     try:
-        main(*args)
-        code = 0
+        code = body()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
         traceback.print_exc()
     finally:
         try:
-            from multiprocessing import util
-
-            util._exit_function()  # type: ignore[attr-defined]
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
