@@ -295,7 +295,7 @@ class Pool(Executor):
             **options,
         )
         # A pool dropped without shutdown still stops its workers.
-        self._pid = os.getpid()  # a forked child cannot use the pool (see _check_process)
+        self._pid = os.getpid()  # a forked child cannot use the pool (see _forked_away)
         self._finalizer = weakref.finalize(self, _drop_backend, self._backend, self._pid)
         # At exit the backends' own hook stops every pool and waits for it; this one, run
         # first, would stop it without waiting and race with multiprocessing's exit handler.
@@ -581,7 +581,7 @@ class Pool(Executor):
             >>> pool.shutdown()
         """
         self._stop(cancel=cancel_futures, kill=False)
-        if os.getpid() != self._pid:
+        if self._forked_away():
             return  # (see _stop)
         if wait:
             if self._backend.in_worker():
@@ -623,7 +623,7 @@ class Pool(Executor):
         self.shutdown(wait=True)
 
     def _stop(self, *, cancel: bool, kill: bool) -> None:
-        if os.getpid() != self._pid:
+        if self._forked_away():
             # A forked child's copy: the workers are the parent's, and so may be the locks
             # (held by threads that the child does not have). Nothing here is to stop.
             self._shutdown = True
@@ -649,8 +649,12 @@ class Pool(Executor):
     def __enter__(self) -> Pool:
         return self
 
+    def _forked_away(self) -> bool:
+        """Whether this is a child forked from the process that made the pool."""
+        return os.getpid() != self._pid
+
     def _check_process(self) -> None:
-        if os.getpid() != self._pid:
+        if self._forked_away():
             raise RuntimeError(
                 f"this pool belongs to process {self._pid}, and this process is a child forked "
                 "from it: the pool's workers and threads are not here. Create the pool in this "

@@ -42,7 +42,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
-__all__ = ["ForkedProcess", "Forker", "available"]
+__all__ = ["ForkedProcess", "Forker", "available", "wait_exited"]
 
 _WORD = struct.Struct("q")
 _FORK = b"F"
@@ -265,7 +265,7 @@ class Forker:
             control.close()
         if process is None:
             return
-        if not (process.pid is not None and _wait_exited(process.pid, timeout)):
+        if not (process.pid is not None and wait_exited(process.pid, timeout)):
             process.join(timeout=timeout)
             if process.exitcode is None:
                 process.kill()
@@ -346,7 +346,7 @@ def serve(
     os._exit(0)
 
 
-def _wait_exited(pid: int, timeout: float) -> bool:
+def wait_exited(pid: int, timeout: float) -> bool:
     """Wait until process ``pid`` has exited (it may not be reaped yet); False at the timeout,
     or where a process that is not our child cannot be watched."""
     try:

@@ -1387,8 +1387,11 @@ class ProcessBackend(Backend):
             # multiprocessing's join() takes a closed sentinel for an exit, then waits for
             # the process without a timeout: a worker whose call closed every descriptor it
             # had (the sentinel's among them) runs on. So wait for the sentinel, then ask.
-            closed = bool(multiprocessing.connection.wait([process.sentinel], timeout))
-            running = process.is_alive() and not (closed and _exits_within(process, KILL_GRACE))
+            closed = multiprocessing.connection.wait([process.sentinel], timeout)
+            if closed and process.pid is not None:
+                # Its descriptors close as it exits, a moment before it has exited.
+                _forker.wait_exited(process.pid, KILL_GRACE)
+            running = process.is_alive()
         if running:
             self._signal(proc, signal.SIGKILL)
             process.join()
@@ -1441,32 +1444,6 @@ class ProcessBackend(Backend):
             late = self.drain()
         for batch in late:
             batch.reject()
-
-
-def _exits_within(process: BaseProcess, seconds: float) -> bool:
-    """Whether ``process``, whose sentinel has closed, exits within ``seconds``: a process's
-    descriptors close as it exits, a moment before its exit status can be collected."""
-    deadline = time.monotonic() + seconds
-    try:
-        exited = select.poll()
-        pidfd = os.pidfd_open(process.pid or 0)  # readable once the process has exited
-    except (AttributeError, OSError):
-        pidfd = None
-    try:
-        if pidfd is not None:
-            exited.register(pidfd, select.POLLIN)
-        while process.is_alive():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if pidfd is None:
-                time.sleep(min(0.01, left))  # no pidfd (Linux before 5.3): ask again soon
-            else:
-                exited.poll(left * 1000.0 + 1)
-        return True
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
 
 
 def _unreadable_result(error: BaseException) -> UnpicklingFailed:
