@@ -6,6 +6,7 @@ from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from ._checks import check_max_workers
 from ._pool import Pool
 
 __all__ = ["ProcessPoolExecutor", "ThreadPoolExecutor"]
@@ -39,7 +40,7 @@ class ThreadPoolExecutor(Pool):
         retries: int = 0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
     ) -> None:
-        _check_max_workers(max_workers)
+        check_max_workers(max_workers)
         super().__init__(
             "thread",
             max_workers,
@@ -84,7 +85,7 @@ class ProcessPoolExecutor(Pool):
         retries: int = 0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
     ) -> None:
-        _check_max_workers(max_workers)
+        check_max_workers(max_workers)
         super().__init__(
             "process",
             max_workers,
@@ -97,12 +98,3 @@ class ProcessPoolExecutor(Pool):
             mp_context=mp_context,
             max_tasks_per_worker=max_tasks_per_child,
         )
-
-
-def _check_max_workers(max_workers: int | None) -> None:
-    if max_workers is not None and (
-        isinstance(max_workers, bool) or not isinstance(max_workers, int)
-    ):
-        raise TypeError(f"max_workers must be an int > 0 or None, got {max_workers!r}")
-    if max_workers is not None and max_workers <= 0:
-        raise ValueError("max_workers must be greater than 0")

@@ -7,31 +7,38 @@ no larger than the window) or as batches complete. Leaving it early cancels what
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._backends._base import Batch, waits_for_itself
 from ._errors import Timeout
-
-if TYPE_CHECKING:
-    from ._pool import Pool
+from ._ledger import Ledger
 
 R = TypeVar("R")
 
 #: Largest batch the sizer builds on its own; an explicit ``chunksize`` may be larger.
 MAX_BATCH = 4096
-#: Functions whose measured call time a pool remembers for its next maps.
-REMEMBERED_FUNCTIONS = 64
 #: Items a map keeps in flight when the caller sets no ``buffersize``.
 DEFAULT_WINDOW_ITEMS = 65536
 
 
+class MapObserver(Protocol):
+    """What a pipeline stage learns of its map's batches (see ``map_results``)."""
+
+    def queued(self, batch: Batch) -> None:
+        """``batch`` was handed to the pool (on the map's thread)."""
+
+    def ended(self, deliver: Callable[[Batch], object], batch: Batch) -> None:
+        """``batch`` ended (on a backend's thread); ``deliver(batch)`` hands it to the map."""
+
+
 def map_results(
-    pool: Pool,
+    ledger: Ledger,
     fn: Callable[..., R],
     inputs: Iterator[Any] | range,
     *,
@@ -41,14 +48,17 @@ def map_results(
     chunksize: int | None,
     buffersize: int | None,
     eager: bool = False,
+    observer: MapObserver | None = None,
 ) -> Iterator[R]:
     """Start a map and return the iterator of its results (see ``Pool.map``).
 
     Work starts at once. Closing the iterator, or losing it to the garbage collector,
     cancels what it queued (an eager map keeps the stdlib's behaviour: what it submitted
-    runs anyway).
+    runs anyway). An ``observer`` hears of each batch as it is queued and as it ends.
     """
-    state = _MapState(pool, fn, inputs, star, ordered, timeout, chunksize, buffersize, eager)
+    state = _MapState(
+        ledger, fn, inputs, star, ordered, timeout, chunksize, buffersize, eager, observer
+    )
     if eager and state.input_error is not None:
         # The stdlib's map reads its whole input at the call, so that is where an error of the
         # input is raised; the calls submitted before it run.
@@ -63,17 +73,26 @@ def map_results(
 
 class MapResults(itertools.chain[R]):
     """The results of a map: a C-speed chain over whole batches of results, with the
-    ``close()`` of a generator (``Pool.map`` used to return one)."""
+    ``close()`` of a generator (``Pool.map`` used to return one).
+
+    Each batch's results are popped as they are handed out, so that the iterator keeps no
+    reference to a result its caller has dropped."""
 
     __slots__ = ("__weakref__", "_batches")
-    _batches: Generator[list[Any], None, None]
+    _batches: Generator[Iterator[Any], None, None]
 
     def close(self) -> None:
         """Stop: cancel the calls this map queued that have not started."""
         self._batches.close()
 
 
-def _batches(state: _MapState) -> Generator[list[Any], None, None]:
+def _handing_out(values: list[Any]) -> Iterator[Any]:
+    """``values`` in order, each popped from the list as it is handed out."""
+    values.reverse()
+    return itertools.starmap(values.pop, itertools.repeat((), len(values)))
+
+
+def _batches(state: _MapState) -> Generator[Iterator[Any], None, None]:
     """Each batch's results in turn, up to the first failed call, whose error is raised."""
     try:
         while True:
@@ -81,13 +100,18 @@ def _batches(state: _MapState) -> Generator[list[Any], None, None]:
             if batch is None:
                 break
             errors = batch.errors
+            values, batch.values = batch.values, []
+            del batch
             if errors is None:
-                yield batch.values
+                yield _handing_out(values)
                 continue
             first = min(errors)
             if first:
-                yield batch.values[:first]
-            raise errors[first]
+                del values[first:]
+                yield _handing_out(values)
+            failure = errors[first]
+            del errors, values
+            raise failure
         error = state.input_error
         if error is not None:
             state.input_error = None
@@ -101,7 +125,7 @@ class _MapState:
 
     def __init__(
         self,
-        pool: Pool,
+        ledger: Ledger,
         fn: Callable[..., Any],
         inputs: Iterator[Any] | range,
         star: bool,
@@ -110,9 +134,11 @@ class _MapState:
         chunksize: int | None,
         buffersize: int | None,
         eager: bool,
+        observer: MapObserver | None,
     ) -> None:
-        self._pool = pool
+        self._ledger = ledger
         self._fn = fn
+        self._observer = observer
         # A range is cut into ranges (see Pool's _source); anything else is read item by item.
         self._range = inputs if isinstance(inputs, range) else None
         self._taken = 0  # items of the range handed out so far
@@ -121,8 +147,8 @@ class _MapState:
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._chunksize = chunksize
-        self._call_timeout = pool._timeout
-        workers = self._workers = pool._workers
+        self._call_timeout = ledger.call_timeout
+        workers = self._workers = ledger.workers
         self._eager = eager
         if eager:
             self._max_batches: float = float("inf")
@@ -133,17 +159,22 @@ class _MapState:
         # Batch sizes: never so large that the window holds fewer batches than workers.
         # (An eager map's window is infinite, and inf // n is nan: divide, then bound.)
         self._size_cap = max(1, int(min(MAX_BATCH, self._max_items / max(1, workers))))
-        self._target = pool._backend.batch_seconds
+        assert ledger.backend is not None
+        self._backend = ledger.backend
+        self._target = ledger.backend.batch_seconds
         self._per_item: float | None = None  # measured seconds per call
         # Decaying sums of measured seconds and calls: each batch counts by its calls, so
         # that one call's start-up cost does not keep batches small for long.
         self._measured_seconds = 0.0
         self._measured_calls = 0.0
-        known = pool._call_costs.get(id(fn))
-        if known is not None and known[0] is fn:
-            self._per_item = self._measured_seconds = known[1]
+        known = ledger.costs.get(fn)
+        if known is not None:
+            self._per_item = self._measured_seconds = known
             self._measured_calls = 1.0
         self._done: queue.SimpleQueue[Batch] = queue.SimpleQueue()
+        self._sink: Callable[[Batch], object] = self._done.put
+        if observer is not None:
+            self._sink = functools.partial(observer.ended, self._done.put)
         self._inflight: dict[int, Batch] = {}  # submitted, not yet consumed
         self._ready: dict[int, Batch] = {}  # ordered mode: done, waiting for its turn
         self._items = 0  # calls in _inflight
@@ -163,7 +194,7 @@ class _MapState:
         pending = list(self._inflight.values())
         self._inflight.clear()
         self._ready.clear()
-        self._pool._cancel_batches(pending, drained=False)
+        self._ledger.cancel(pending)
 
     def next_batch(self) -> Batch | None:
         """The next batch to yield from, waiting for it; None when nothing is left."""
@@ -194,7 +225,7 @@ class _MapState:
     def _wait(self) -> Batch:
         """The next batch to complete; each one measured and followed by a refill, so that a
         slow head of line does not starve the workers."""
-        if self._done.empty() and self._pool._backend.runs_loop_here():
+        if self._done.empty() and self._backend.runs_loop_here():
             self.close()
             raise waits_for_itself("waiting for a map's results")
         if self._deadline is None:
@@ -212,10 +243,7 @@ class _MapState:
             self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
             self._measured_calls = 0.5 * self._measured_calls + len(batch)
             self._per_item = self._measured_seconds / self._measured_calls
-            costs = self._pool._call_costs
-            if len(costs) >= REMEMBERED_FUNCTIONS:
-                costs.clear()
-            costs[id(self._fn)] = (self._fn, self._per_item)
+            self._ledger.costs.put(self._fn, self._per_item)
             self._fill()
         return batch
 
@@ -234,7 +262,7 @@ class _MapState:
         """Pull and submit input while the window has room."""
         if self._exhausted:
             return
-        pool = self._pool
+        ledger = self._ledger
         # Until a call has been measured, two one-call batches per worker: one to run, one
         # waiting, so that a worker ending its first call finds the next without waiting for
         # this thread to measure it and refill (the measure comes with the first end).
@@ -263,18 +291,20 @@ class _MapState:
             if not args:
                 self._exhausted = True
                 return
-            batch = Batch(pool, self._fn, args, None, self._call_timeout, self._star)
+            batch = Batch(ledger, self._fn, args, None, self._call_timeout, self._star)
             batch.seq = self._next_seq
-            batch.sink = self._done.put
+            batch.sink = self._sink
             self._next_seq += 1
             self._inflight[batch.seq] = batch
             self._items += len(args)
             try:
-                pool._enqueue(batch, block=True, counted=True)
+                if self._observer is not None:
+                    self._observer.queued(batch)
+                ledger.accept(batch, bounded=False, block=True)
             except BaseException as exc:
                 del self._inflight[batch.seq]
                 self._items -= len(args)
-                stopped = pool._shutdown and pool._broken is None
+                stopped = ledger.shut and ledger.broken is None
                 # An eager map raises at the call, as the stdlib's does.
                 if isinstance(exc, RuntimeError) and stopped and not self._eager:
                     # Yield what was computed, then say why the rest never will be.

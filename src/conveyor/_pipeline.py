@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 from ._backends import lookup
+from ._checks import check_callable, check_count, check_timeout
 from ._pipeline_stage import Buffer, Failed, Stage, StageSpec, StageStatistics
-from ._pool import _check_callable, _check_count, _check_timeout
 from ._progress import Progress, length_of
 
 __all__ = ["Failed", "Pipeline", "PipelineSummary", "StageStatistics"]
@@ -308,15 +308,15 @@ class Pipeline(Generic[T]):
     ) -> Pipeline[T]:
         if self._started or self._closed:
             raise RuntimeError("cannot add a stage to a Pipeline that has started or closed")
-        _check_callable(fn)
-        _check_count("workers", workers, 1, allow_none=False)
+        check_callable(fn)
+        check_count("workers", workers, 1, allow_none=False)
         lookup(backend)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, got {ordered!r}")
         per_second = _parse_rate(rate)
-        _check_timeout("timeout", timeout)
-        _check_count("retries", retries, 0, allow_none=False)
-        _check_count("buffersize", buffersize, 1)
+        check_timeout("timeout", timeout)
+        check_count("retries", retries, 0, allow_none=False)
+        check_count("buffersize", buffersize, 1)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string or None, got {name!r}")
         if buffersize is None:
@@ -505,7 +505,7 @@ class _Run:
             buffer.stop()
         for stage in self._stages:
             if stage.pool is not None:
-                stage.pool.halt()
+                stage.pool._halt()
 
     def next_chunk(self) -> list[Any]:
         """The next items for the consumer; ``[]`` at the end. Raises the run's error."""

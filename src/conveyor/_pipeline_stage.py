@@ -5,8 +5,9 @@ Data flow of stage ``i``::
     inbox (Buffer, filled by stage i-1 or the source thread)
       -> Stage._inputs()   generator pulled by Pool's map on the stage's own thread,
                             paced by ``rate``; Failed records are held back as _Pass markers
-      -> Pool.map / imap_unordered (a _StagePool: batches, window, order, retries, timeouts)
-      -> Stage._settle()   on a worker thread as each batch ends: records its length, turns
+      -> Pool's lazy map (batches, window, order, retries, timeouts), which tells the stage
+                            (its observer) of each batch as it is queued and as it ends:
+      -> Stage.ended()     on a worker thread as each batch ends: records its length, turns
                             errors into Failed records or stops the pipeline
       -> Stage._pump()     takes one whole batch of results at a time, flattens/filters them
       -> outbox (Buffer, read by stage i+1 or the consumer)
@@ -21,7 +22,6 @@ finished, nothing being batched) waits for input without padding.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import threading
 import time
@@ -291,38 +291,6 @@ class Buffer:
             self.cond.notify_all()
 
 
-# -- the pool of a stage ---------------------------------------------------------------------
-
-
-class _StagePool(Pool):
-    """A Pool that tells its stage about each map batch the moment it ends.
-
-    Pool's map reports a failure only when the consumer reaches its position, and then ends;
-    a pipeline must stop at once (or, collecting errors, go on). So each map batch's ``sink``
-    (the map's completion callback) is wrapped on its way in.
-    """
-
-    def __init__(self, stage: Stage, spec: StageSpec) -> None:
-        super().__init__(spec.backend, spec.workers, timeout=spec.timeout, retries=spec.retries)
-        self._stage = stage
-
-    def _enqueue(self, batch: Batch, *, block: bool, counted: bool) -> None:
-        if batch.sink is not None:
-            # Only the stage's map makes batches with a sink, on the stage's thread.
-            self._stage._submitted += len(batch.args)
-            batch.sink = functools.partial(self._stage._settle, batch.sink)
-        super()._enqueue(batch, block=block, counted=counted)
-
-    def halt(self) -> None:
-        """Take no more calls and stop the workers now (process workers are killed).
-
-        Unlike ``terminate()`` it leaves queued batches with the backend, which reports them
-        as cancelled: ``terminate()`` takes them back silently, and a map waiting for one of
-        them on another thread would wait forever.
-        """
-        self._stop(cancel=False, kill=True)
-
-
 # -- the stage --------------------------------------------------------------------------------
 
 
@@ -348,7 +316,7 @@ class Stage:
         self._flat = spec.kind == "flat_map"
         self._scan_always = spec.kind in ("flat_map", "filter")
         self._pacer = None if spec.per_second is None else _Pacer(spec.per_second)
-        # Batch records from _settle, in the order the map hands batches out: by sequence
+        # Batch records from ended(), in the order the map hands batches out: by sequence
         # number when ordered, in completion order otherwise.
         self._done: dict[int, tuple[int, bool]] = {}
         self._order: deque[tuple[int, bool]] = deque()
@@ -367,11 +335,12 @@ class Stage:
         self.done = 0
         self.items_out = 0
         self.failures = 0
-        self.pool: _StagePool | None = None
+        self.pool: Pool | None = None
         self.thread: threading.Thread | None = None
 
     def start(self, index: int) -> None:
-        self.pool = _StagePool(self, self.spec)
+        spec = self.spec
+        self.pool = Pool(spec.backend, spec.workers, timeout=spec.timeout, retries=spec.retries)
         self.thread = threading.Thread(
             target=self._pump, name=f"conveyor-pipeline-stage-{index}", daemon=True
         )
@@ -401,14 +370,14 @@ class Stage:
         try:
             spec = self.spec
             chunksize = 1 if self._pacer is not None else None  # a batch starts all at once
-            if spec.ordered:
-                results = pool.map(
-                    self._step, self._inputs(), chunksize=chunksize, buffersize=spec.buffersize
-                )
-            else:
-                results = pool.imap_unordered(
-                    self._step, self._inputs(), chunksize, buffersize=spec.buffersize
-                )
+            results = pool._map(
+                self._step,
+                self._inputs(),
+                ordered=spec.ordered,
+                chunksize=chunksize,
+                buffersize=spec.buffersize,
+                observer=self,
+            )
             take_rest = itertools.islice
             while True:
                 self._padding = False
@@ -431,7 +400,7 @@ class Stage:
             if results is not None:
                 results.close()  # type: ignore[attr-defined]  # cancels what the map queued
             if self._outbox.stopped:
-                pool.halt()
+                pool._halt()
             pool.shutdown(wait=True)
             self._outbox.close()
 
@@ -559,9 +528,14 @@ class Stage:
             return False
         return self._ready_real > 0
 
-    # -- called on worker (or dispatcher) threads as a batch ends ----------------------------
+    # -- the map's observer ----------------------------------------------------------------
 
-    def _settle(self, sink: Callable[[Batch], object], batch: Batch) -> None:
+    def queued(self, batch: Batch) -> None:
+        """The map handed ``batch`` to the pool (on the stage's thread)."""
+        self._submitted += len(batch.args)
+
+    def ended(self, sink: Callable[[Batch], object], batch: Batch) -> None:
+        """``batch`` ended (on a worker or dispatcher thread); ``sink`` gives it to the map."""
         failures = self._failed(batch, batch.errors) if batch.errors else 0
         real = batch.args[0] is not _PAD  # pads only ever follow real items in a batch
         with self._cond:

@@ -1,9 +1,9 @@
 """``Pool``: the one executor users see, written once for every backend.
 
-Everything observable lives here: futures, laziness and ordering (in ``_map``), the pending
-bound, retries, cancellation, shutdown and statistics. A backend only runs ``Batch``es and
-reports their outcomes through ``Batch.begin``/``Batch.finish``, which land in ``_begin`` and
-``_finish`` below.
+Everything observable is decided here or in the rooms it delegates to: the life of every
+batch, the pending bound, retries, cancellation and counters in ``_ledger``; laziness,
+batching and ordering in ``_map``. A backend only runs ``Batch``es and reports their
+outcomes through ``Batch.begin``/``Batch.finish``, which land in the ledger.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from ._backends import lookup
-from ._backends._base import Backend, Batch, NotRun, offer_help, plain, waits_for_itself
-from ._errors import BrokenPool, InitializerFailed, PoolFull, TaskTimeout
-from ._map import map_results
+from ._backends._base import Backend, Batch, offer_help, waits_for_itself
+from ._checks import check_callable, check_count, check_exception_classes, check_timeout
+from ._ledger import Ledger
+from ._map import MapObserver, map_results
 from ._progress import length_of, track
 
 __all__ = ["AsyncResult", "Pool", "PoolStatistics"]
@@ -30,17 +31,15 @@ __all__ = ["AsyncResult", "Pool", "PoolStatistics"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Batch.state values.
-_QUEUED, _RUNNING, _CANCELLED, _DONE = 0, 1, 2, 3
-
-
 @dataclass(frozen=True)
 class PoolStatistics:
     """An immutable snapshot of a pool, from ``Pool.statistics()``.
 
-    Counts are of calls, not batches. ``completed`` counts successes and ``failed`` final
-    failures (timeouts included, which ``timed_out`` also counts); ``retried`` counts extra
-    attempts. Every submitted call ends up in exactly one of completed, failed and cancelled.
+    Counts are of calls, not batches. ``busy`` counts workers running calls; ``pending``
+    counts calls accepted that no worker has started yet (calls run again after a crash or
+    for a retry included). ``completed`` counts successes and ``failed`` final failures
+    (timeouts included, which ``timed_out`` also counts); ``retried`` counts extra attempts.
+    Every submitted call ends up in exactly one of completed, failed and cancelled.
 
     Example:
         >>> import conveyor
@@ -140,39 +139,17 @@ class AsyncResult:
         return self._future.result()
 
 
-def _drop_backend(backend: Backend, pid: int) -> None:
+def _drop_backend(backend: Backend, ledger: Ledger, pid: int) -> None:
     """A pool dropped without shutdown stops its backend, in the process that made it."""
     if os.getpid() == pid:
+        ledger.close_callbacks(wait=False)
         backend.shutdown(wait=False)
-
-
-def _check_timeout(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 seconds or None, got {value!r}")
 
 
 def _source(iterable: Iterable[Any]) -> Iterator[Any] | range:
     """What a map reads its input from: a ``range`` as it is (its batches travel as ranges,
     which cost nothing to build or pickle, however long), anything else as an iterator."""
     return iterable if type(iterable) is range else iter(iterable)
-
-
-def _check_callable(fn: object, name: str = "fn") -> None:
-    if not callable(fn):
-        raise TypeError(f"{name} must be callable, got {type(fn).__name__} {fn!r}")
-
-
-def _check_count(name: str, value: int | None, minimum: int, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 class _WeakCall:
@@ -253,50 +230,35 @@ class Pool(Executor):
                     f"Pool() got an unexpected keyword argument {option!r} for backend "
                     f"{backend_cls.name!r} (its own options: {takes})"
                 )
-        _check_count("workers", workers, 1)
-        _check_count("max_pending", max_pending, 1)
-        _check_timeout("timeout", timeout)
-        _check_count("retries", retries, 0, allow_none=False)
+        check_count("workers", workers, 1)
+        check_count("max_pending", max_pending, 1)
+        check_timeout("timeout", timeout)
+        check_count("retries", retries, 0, allow_none=False)
         if initializer is not None:
-            _check_callable(initializer, "initializer")
-        retry_classes = retry_on if isinstance(retry_on, tuple) else (retry_on,)
-        for cls in retry_classes:
-            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-                raise TypeError(f"retry_on must hold exception classes, got {cls!r}")
+            check_callable(initializer, "initializer")
+        retry_classes = check_exception_classes("retry_on", retry_on)
         self._workers = workers if workers is not None else backend_cls.default_workers()
-        self._timeout = timeout
-        # Seconds per call that maps measured, by id(fn) (with fn, to tell a reused id): a new
-        # map of a known function sizes its first batches from it instead of probing.
-        self._call_costs: dict[int, tuple[Any, float]] = {}
-        self._retries = retries
-        self._retry_on = retry_classes
-        self._max_pending = max_pending
-        # One lock guards the pool's state and counters; it is never held while user code
-        # runs. ``_room`` wakes submitters blocked on ``max_pending``.
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
-        self._shutdown = False
-        self._cancelling = False  # shut down with cancel_futures, or terminated
-        self._broken: BrokenPool | None = None
-        self._active = 0  # accepted batches (not reruns) without a final outcome yet
-        self._pending = 0  # submitted calls not yet started (only with max_pending)
-        self._submitted = 0
-        self._completed = 0
-        self._failed = 0
-        self._cancelled = 0
-        self._timed_out = 0
-        self._retried = 0
+        self._ledger = ledger = Ledger(
+            retries=retries,
+            retry_on=retry_classes,
+            max_pending=max_pending,
+            workers=self._workers,
+            call_timeout=timeout,
+            name=f"conveyor-{backend_cls.name}",
+        )
         self._backend: Backend = backend_cls(
             self._workers,
-            _WeakCall(self._on_broken),
+            _WeakCall(ledger.broke),
             initializer=initializer,
             initargs=tuple(initargs),
             **options,
         )
+        ledger.backend = self._backend
         # A pool dropped without shutdown still stops its workers.
         self._pid = os.getpid()  # a forked child cannot use the pool (see _forked_away)
-        self._finalizer = weakref.finalize(self, _drop_backend, self._backend, self._pid)
+        self._finalizer = weakref.finalize(
+            self, _drop_backend, self._backend, ledger, self._pid
+        )
         # At exit the backends' own hook stops every pool and waits for it; this one, run
         # first, would stop it without waiting and race with multiprocessing's exit handler.
         self._finalizer.atexit = False
@@ -331,50 +293,15 @@ class Pool(Executor):
     def _submit(
         self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], block: bool
     ) -> Future[R]:
-        _check_callable(fn)
-        batch = Batch(self, fn, [args], kwargs or None, self._timeout)
+        check_callable(fn)
+        self._check_process()
+        batch = Batch(self._ledger, fn, [args], kwargs or None, self._ledger.call_timeout)
         future: Future[R] = Future()
         if self._backend.helps:
             offer_help(future, self._backend.help)
         batch.future = future
-        self._enqueue(batch, block=block, counted=False)
+        self._ledger.accept(batch, bounded=True, block=block)
         return future
-
-    def _enqueue(self, batch: Batch, *, block: bool, counted: bool) -> None:
-        """Hand ``batch`` to the backend; ``counted`` batches bypass ``max_pending``
-        (a map bounds itself)."""
-        self._check_process()
-        with self._lock:
-            if self._broken is not None:
-                raise self._broken
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if self._max_pending is not None and not counted:
-                while self._pending >= self._max_pending:
-                    if not block:
-                        raise PoolFull(
-                            f"{self._pending} calls are already waiting (max_pending="
-                            f"{self._max_pending}); retry later or use submit() to wait"
-                        )
-                    if self._backend.runs_loop_here():
-                        raise waits_for_itself(
-                            "submit() blocking at max_pending",
-                            "Use submit_nowait(), or submit outside the callback",
-                        )
-                    self._room.wait()
-                    # Broken before shut down: a broken pool is also shut down.
-                    if self._broken is not None:
-                        raise self._broken
-                    if self._shutdown:
-                        raise RuntimeError("cannot schedule new futures after shutdown")
-                self._pending += 1
-                batch.slot = True
-            self._submitted += len(batch)
-            # While a batch is active the backend is not stopped (see _stop_backend_if_idle),
-            # so the batch can be handed over outside the lock; only terminate() stops it
-            # regardless, and backends fail what they receive after that with NotRun.
-            self._active += 1
-        self._backend.submit(batch)
 
     # -- mapping ----------------------------------------------------------------------------
 
@@ -404,10 +331,10 @@ class Pool(Executor):
             ...     list(pool.map(pow, [2, 3], [5, 2]))
             [32, 9]
         """
-        _check_callable(fn)
-        _check_timeout("timeout", timeout)
-        _check_count("chunksize", chunksize, 1)
-        _check_count("buffersize", buffersize, 1)
+        check_callable(fn)
+        check_timeout("timeout", timeout)
+        check_count("chunksize", chunksize, 1)
+        check_count("buffersize", buffersize, 1)
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         if len(iterables) == 1:
@@ -416,8 +343,7 @@ class Pool(Executor):
         else:
             inputs = zip(*iterables)  # noqa: B905 - the stdlib's map stops at the shortest
             star = True
-        results = map_results(
-            self,
+        results = self._map(
             fn,
             inputs,
             star=star,
@@ -448,18 +374,11 @@ class Pool(Executor):
             ...     list(pool.imap(abs, [-3, 1]))
             [3, 1]
         """
-        _check_callable(fn)
-        _check_count("chunksize", chunksize, 1)
-        _check_count("buffersize", buffersize, 1)
-        results = map_results(
-            self,
-            fn,
-            _source(iterable),
-            star=False,
-            ordered=True,
-            timeout=None,
-            chunksize=chunksize,
-            buffersize=buffersize,
+        check_callable(fn)
+        check_count("chunksize", chunksize, 1)
+        check_count("buffersize", buffersize, 1)
+        results = self._map(
+            fn, _source(iterable), ordered=True, chunksize=chunksize, buffersize=buffersize
         )
         return track(results, length_of(iterable)) if progress else results
 
@@ -482,18 +401,11 @@ class Pool(Executor):
             ...     sorted(pool.imap_unordered(abs, [-3, 1]))
             [1, 3]
         """
-        _check_callable(fn)
-        _check_count("chunksize", chunksize, 1)
-        _check_count("buffersize", buffersize, 1)
-        results = map_results(
-            self,
-            fn,
-            _source(iterable),
-            star=False,
-            ordered=False,
-            timeout=None,
-            chunksize=chunksize,
-            buffersize=buffersize,
+        check_callable(fn)
+        check_count("chunksize", chunksize, 1)
+        check_count("buffersize", buffersize, 1)
+        results = self._map(
+            fn, _source(iterable), ordered=False, chunksize=chunksize, buffersize=buffersize
         )
         return track(results, length_of(iterable)) if progress else results
 
@@ -511,20 +423,38 @@ class Pool(Executor):
             ...     pool.starmap(max, [(1, 5), (7, 2)])
             [5, 7]
         """
-        _check_callable(fn)
-        _check_count("chunksize", chunksize, 1)
+        check_callable(fn)
+        check_count("chunksize", chunksize, 1)
         inputs = (tuple(args) for args in iterable)
-        return list(
-            map_results(
-                self,
-                fn,
-                inputs,
-                star=True,
-                ordered=True,
-                timeout=None,
-                chunksize=chunksize,
-                buffersize=None,
-            )
+        return list(self._map(fn, inputs, star=True, ordered=True, chunksize=chunksize))
+
+    def _map(
+        self,
+        fn: Callable[..., R],
+        inputs: Iterator[Any] | range,
+        *,
+        ordered: bool,
+        star: bool = False,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        buffersize: int | None = None,
+        eager: bool = False,
+        observer: MapObserver | None = None,
+    ) -> Iterator[R]:
+        """The lazy map behind every public one (arguments checked), and a pipeline
+        stage's, which passes an ``observer`` (see ``_map.map_results``)."""
+        self._check_process()
+        return map_results(
+            self._ledger,
+            fn,
+            inputs,
+            star=star,
+            ordered=ordered,
+            timeout=timeout,
+            chunksize=chunksize,
+            buffersize=buffersize,
+            eager=eager,
+            observer=observer,
         )
 
     def apply(
@@ -563,9 +493,9 @@ class Pool(Executor):
             6
         """
         if callback is not None:
-            _check_callable(callback, "callback")
+            check_callable(callback, "callback")
         if error_callback is not None:
-            _check_callable(error_callback, "error_callback")
+            check_callable(error_callback, "error_callback")
         future = self._submit(fn, tuple(args), dict(kwds or {}), block=True)
         return AsyncResult(future, callback, error_callback)
 
@@ -597,10 +527,9 @@ class Pool(Executor):
                     "The pool is shut down; to wait for it, call shutdown() outside the "
                     "callback (or pass wait=False here)",
                 )
-            with self._lock:
-                while self._active:
-                    self._idle.wait()
+            self._ledger.wait_idle()
             self._backend.shutdown(wait=True)
+            self._ledger.close_callbacks(wait=True)
             self._finalizer.detach()
 
     def close(self) -> None:
@@ -609,7 +538,7 @@ class Pool(Executor):
 
     def join(self) -> None:
         """``multiprocessing.Pool.join``: wait for the workers to exit after ``close()``."""
-        if not self._shutdown:
+        if not self._ledger.shut:
             raise ValueError("join() needs close() or terminate() first: the pool is running")
         self.shutdown(wait=True)
 
@@ -622,29 +551,23 @@ class Pool(Executor):
         self._stop(cancel=True, kill=True)
         self.shutdown(wait=True)
 
+    def _halt(self) -> None:
+        """Stop now without waiting (``terminate()`` without its wait): queued calls are
+        cancelled (a map waiting for them hears of it) and process workers are killed. Safe
+        from any thread, a worker's included."""
+        self._stop(cancel=True, kill=True)
+
     def _stop(self, *, cancel: bool, kill: bool) -> None:
         if self._forked_away():
             # A forked child's copy: the workers are the parent's, and so may be the locks
             # (held by threads that the child does not have). Nothing here is to stop.
-            self._shutdown = True
+            self._ledger.shut = True
             self._finalizer.detach()
             return
-        with self._lock:
-            self._shutdown = True
-            # No reruns either: a retry or a rerun is a call that has not started.
-            self._cancelling = self._cancelling or cancel or kill
-            self._room.notify_all()
-        if cancel:
-            self._cancel_batches(self._backend.drain(), drained=True)
+        self._ledger.stop(cancel=cancel or kill)
         if kill:
             self._backend.shutdown(wait=False, kill=True)
-        self._stop_backend_if_idle()
-
-    def _stop_backend_if_idle(self) -> None:
-        with self._lock:
-            stop = self._shutdown and not self._active
-        if stop:
-            self._backend.shutdown(wait=False)
+        self._ledger.stop_backend_if_idle()
 
     def __enter__(self) -> Pool:
         return self
@@ -684,256 +607,15 @@ class Pool(Executor):
             3
         """
         busy = self._backend.busy()
-        with self._lock:
-            done = self._completed + self._failed + self._cancelled
-            return PoolStatistics(
-                workers=self._workers,
-                busy=busy,
-                pending=max(0, self._submitted - done - busy),
-                submitted=self._submitted,
-                completed=self._completed,
-                failed=self._failed,
-                cancelled=self._cancelled,
-                timed_out=self._timed_out,
-                retried=self._retried,
-            )
-
-    # -- backend events (called on backend threads) -----------------------------------------
-
-    def _begin(self, batch: Batch) -> bool:
-        if batch.parent is not None:
-            return True  # a rerun: its original batch was started already
-        if batch.slot:
-            with self._lock:
-                batch.slot = False
-                self._pending -= 1
-                self._room.notify()
-        future = batch.future
-        if future is not None:
-            if future.set_running_or_notify_cancel():
-                return True
-            with self._lock:
-                self._cancelled += 1
-                self._active -= 1
-        else:
-            with self._lock:
-                if batch.state == _QUEUED:
-                    batch.state = _RUNNING
-                    return True
-                self._active -= 1  # cancelled by its map, counted there
-        self._after_drop()
-        return False
-
-    def _after_drop(self) -> None:
-        with self._lock:
-            if self._active:
-                return
-            self._idle.notify_all()
-        self._stop_backend_if_idle()
-
-    def _cancel_batches(self, batches: list[Batch], drained: bool) -> None:
-        """Cancel the batches that no worker started; running ones finish.
-
-        ``drained`` batches were taken out of the backend's queue and will never reach
-        ``_begin``: each is ended here (a map learns that its calls were cancelled, a rerun
-        fails its calls into its original batch). The others may still reach ``_begin``, and
-        are dropped there.
-        """
-        cancelled: set[int] = set()
-        reruns: list[Batch] = []
-        sinks: list[Batch] = []
-        if drained:
-            for batch in batches:
-                # Outside the lock: cancel() runs the future's done callbacks, which may call
-                # back into the pool. wait() and as_completed() only see a cancelled future
-                # once set_running_or_notify_cancel() has told them, as a worker would have.
-                if batch.future is not None and batch.future.cancel():
-                    batch.future.set_running_or_notify_cancel()
-                    cancelled.add(id(batch))
-        with self._lock:
-            for batch in batches:
-                if batch.slot:
-                    batch.slot = False
-                    self._pending -= 1
-                if batch.parent is not None:
-                    if drained:
-                        reruns.append(batch)
-                elif batch.future is not None:
-                    if id(batch) in cancelled:
-                        self._cancelled += 1
-                        self._active -= 1
-                elif batch.state == _QUEUED:
-                    batch.state = _CANCELLED
-                    self._cancelled += len(batch)
-                    if drained:
-                        self._active -= 1
-                        sinks.append(batch)
-            self._room.notify_all()
-        for batch in sinks:
-            # A map waiting for this batch (maybe on another thread) must hear of it.
-            for index in range(len(batch)):
-                batch.fail(index, CancelledError("the pool was shut down before this call ran"))
-            if batch.sink is not None:
-                batch.sink(batch)
-        for batch in reruns:
-            for index in range(len(batch)):
-                batch.fail(
-                    index, CancelledError("the pool was shut down before this call ran again")
-                )
-            self._finish(batch)
-        if drained:
-            self._after_drop()
-
-    def _on_broken(self, error: BaseException) -> None:
-        """The backend cannot run calls any more: fail everything queued and refuse new
-        calls. ``error`` is a ``BrokenPool`` to raise as is, or what a worker's initializer
-        raised."""
-        broken: BrokenPool
-        if isinstance(error, BrokenPool):
-            broken = error
-        else:
-            broken = InitializerFailed(
-                f"the pool's initializer raised {type(error).__name__}: {error}; "
-                "the pool takes no more calls"
-            )
-            broken.__cause__ = error
-        with self._lock:
-            if self._broken is None:
-                self._broken = broken
-            self._shutdown = True
-            self._room.notify_all()
-        for batch in self._backend.drain():
-            if batch.slot:
-                with self._lock:
-                    batch.slot = False
-                    self._pending -= 1
-            if batch.future is not None and not batch.future.set_running_or_notify_cancel():
-                with self._lock:
-                    self._cancelled += 1
-                    self._active -= 1
-                continue
-            for index in range(len(batch)):
-                batch.fail(index, broken)
-            self._finish(batch)
-        self._stop_backend_if_idle()
-
-    def _finish(self, batch: Batch) -> None:
-        root = batch.parent if batch.parent is not None else batch
-        with self._lock:
-            reruns = self._plan_reruns(root, batch) if batch.errors else []
-            rerun = {index for child in reruns for index in child.places}
-            if batch is root:
-                if root.errors is not None:
-                    for index in rerun:
-                        del root.errors[index]
-                    root.errors = root.errors or None
-            else:
-                root.outstanding -= 1
-                self._merge(root, batch, rerun)
-            for child in reruns:
-                child.places = [batch.places[i] if batch is not root else i for i in child.places]
-            root.outstanding += len(reruns)
-            ready = not root.outstanding
-            if ready:
-                errors = root.errors
-                failed = 0 if errors is None else len(errors)
-                self._completed += len(root) - failed
-                self._failed += failed
-                if errors:
-                    self._timed_out += sum(isinstance(e, TaskTimeout) for e in errors.values())
-                self._active -= 1
-        for child in reruns:
-            self._backend.submit(child)
-        if not ready:
-            return
-        future = root.future
-        if future is not None:
-            if self._backend.helps:
-                plain(future)
-            if root.errors:
-                future.set_exception(root.errors[0])
-            else:
-                future.set_result(root.values[0])
-        elif root.sink is not None:
-            root.sink(root)
-        if self._shutdown:
-            self._after_drop()
-
-    @staticmethod
-    def _merge(root: Batch, child: Batch, skip: set[int]) -> None:
-        """Copy a rerun's final outcomes into its original batch (lock held); calls in
-        ``skip`` run once more and are left open."""
-        root_errors = root.errors if root.errors is not None else {}
-        for local, place in enumerate(child.places):
-            if local in skip:
-                continue
-            root_errors.pop(place, None)
-            error = None if child.errors is None else child.errors.get(local)
-            if error is None:
-                root.values[place] = child.values[local]
-            else:
-                root_errors[place] = error
-                _note_attempts(error, child.attempt)
-        root.errors = root_errors or None
-
-    def _plan_reruns(self, root: Batch, batch: Batch) -> list[Batch]:
-        """The reruns that ``batch``'s errors call for (lock held). Each rerun's ``places``
-        holds indexes into ``batch``; the caller maps them to ``root``.
-
-        A call its worker never started runs again as the same attempt; a call that raised a
-        ``retry_on`` exception runs again while attempts remain.
-        """
-        assert batch.errors is not None
-        can_rerun = self._broken is None and not self._cancelling
-        not_run: list[int] = []
-        retry: list[int] = []
-        for index, error in batch.errors.items():
-            if isinstance(error, NotRun):
-                if can_rerun and not error.final:
-                    not_run.append(index)
-                elif self._broken is not None:
-                    batch.errors[index] = self._broken
-                elif self._cancelling:
-                    batch.errors[index] = CancelledError(
-                        "the pool was terminated (or shut down with cancel_futures=True) "
-                        "before this call could end"
-                    )
-                else:
-                    batch.errors[index] = BrokenPool(
-                        "the pool's workers stopped before this call ran"
-                    )
-            elif (
-                can_rerun
-                and batch.attempt <= self._retries
-                and isinstance(error, self._retry_on)
-            ):
-                retry.append(index)
-        reruns = []
-        for indexes, attempt in ((not_run, batch.attempt), (retry, batch.attempt + 1)):
-            if indexes:
-                child = Batch(
-                    self,
-                    root.fn,
-                    [batch.args[i] for i in indexes],
-                    root.kwargs,
-                    root.timeout,
-                    root.star,
-                )
-                child.parent = root
-                child.attempt = attempt
-                child.places = indexes
-                reruns.append(child)
-        self._retried += len(retry)
-        return reruns
-
-
-def _note_attempts(error: BaseException, attempts: int) -> None:
-    """Record on a final exception how many times its call ran."""
-    if attempts <= 1:
-        return
-    try:
-        error.attempts = attempts  # type: ignore[attr-defined]
-    except Exception:  # pragma: no cover - exotic exception types
-        return
-    if hasattr(error, "add_note"):
-        error.add_note(f"conveyor: the call failed on each of {attempts} attempts")
+        counts = self._ledger.counts()
+        return PoolStatistics(
+            workers=self._workers,
+            busy=busy,
+            pending=counts.queued,
+            submitted=counts.submitted,
+            completed=counts.completed,
+            failed=counts.failed,
+            cancelled=counts.cancelled,
+            timed_out=counts.timed_out,
+            retried=counts.retried,
+        )

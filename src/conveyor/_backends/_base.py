@@ -47,8 +47,8 @@ class NotRun(Exception):
 class Batch:
     """Calls of one function, run in order by one worker and reported together.
 
-    ``host`` is the object that learns about the batch's life: it implements
-    ``_begin(batch) -> bool`` and ``_finish(batch)``.
+    ``host`` is the pool's ledger (``conveyor._ledger.Ledger``), which decides the batch's
+    life: ``begin(batch) -> bool`` and ``finish(batch)``.
     """
 
     __slots__ = (
@@ -92,8 +92,8 @@ class Batch:
         self.values: list[Any] = [None] * len(args)
         self.errors: dict[int, BaseException] | None = None
         self.elapsed = 0.0
-        # Owned by Pool: the future of a submit, the sequence number inside a map, the retry
-        # bookkeeping. Backends leave them alone.
+        # Owned by the ledger and the map: the future of a submit, the sequence number inside
+        # a map, the state (see _ledger), the retry bookkeeping. Backends leave them alone.
         self.future: Any = None
         self.sink: Callable[[Batch], object] | None = None
         self.seq = 0
@@ -102,7 +102,7 @@ class Batch:
         self.places: list[int] = []  # a rerun's call positions in its parent
         self.outstanding = 0  # reruns of this batch not finished yet
         self.slot = False  # holds one of the pool's ``max_pending`` places
-        self.state = 0
+        self.state = 0  # QUEUED
 
     def reject(self) -> None:
         """Report, without running it, a batch that reached a backend already stopped."""
@@ -116,11 +116,11 @@ class Batch:
 
     def begin(self) -> bool:
         """Called by the backend just before running; False means: cancelled, drop it."""
-        return bool(self.host._begin(self))
+        return bool(self.host.begin(self))
 
     def finish(self) -> None:
         """Called by the backend once every call has its outcome."""
-        self.host._finish(self)
+        self.host.finish(self)
 
     def fail(self, index: int, error: BaseException) -> None:
         """Record that call ``index`` raised ``error``."""
