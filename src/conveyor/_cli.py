@@ -43,6 +43,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from . import __version__
+from ._cli_call import _Call
 from ._journal import Journal, JournalError, Outcome, digest
 from ._pool import Pool
 from ._progress import Progress
@@ -327,63 +328,6 @@ def _describe(exc: BaseException) -> str:
         message = "(unprintable)"
     first = message.strip().splitlines()[0] if message.strip() else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-class _Call:
-    """``fn`` as a worker runs it: the result comes back already encoded as JSON text.
-
-    Encoding in the worker means that what travels back is always a ``str``, so an output
-    that cannot be pickled is still written (as its repr). An exception gets the traceback of
-    the function's own frames attached, formatted where it happened.
-    """
-
-    __slots__ = ("fn", "spread")
-
-    def __init__(self, fn: Callable[..., Any], spread: bool) -> None:
-        self.fn = fn
-        self.spread = spread
-
-    def __call__(self, arg: Any) -> str:
-        try:
-            if not self.spread:
-                result = self.fn(arg)
-            elif type(arg) is list:
-                result = self.fn(*arg)
-            elif type(arg) is dict:
-                result = self.fn(**arg)
-            else:
-                result = self.fn(arg)
-        except Exception as exc:
-            tb = exc.__traceback__
-            frames = tb.tb_next if tb is not None else None  # leave out this frame
-            try:
-                exc._conveyor_traceback = "".join(  # type: ignore[attr-defined]
-                    traceback.format_exception(type(exc), exc, frames)
-                )
-            except Exception:
-                pass  # an exception type that refuses attributes keeps its own traceback
-            raise
-        return encode_value(result)
-
-    def __getstate__(self) -> tuple[Callable[..., Any], bool]:
-        return self.fn, self.spread
-
-    def __setstate__(self, state: tuple[Callable[..., Any], bool]) -> None:
-        self.fn, self.spread = state
-
-
-def encode_value(value: object) -> str:
-    """``value`` as JSON text; its repr, as a JSON string, when it is not serialisable.
-
-    Example:
-        >>> from conveyor._cli import encode_value
-        >>> encode_value([1, "a"]), encode_value({1, 2}), encode_value(float("nan"))
-        ('[1, "a"]', '"{1, 2}"', '"nan"')
-    """
-    try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        return json.dumps(repr(value), ensure_ascii=False)
 
 
 def encode_error(error: BaseException) -> str:
