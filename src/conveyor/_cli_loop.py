@@ -64,7 +64,7 @@ from ._journal_resume import _skip_done
 from ._pool import Pool
 from ._progress import Progress
 
-__all__ = ["_Run", "_run"]
+__all__ = ["_RunLoop", "_run"]
 
 #: Most events handled before the settled outcomes are committed and written.
 GROUP = 1024
@@ -103,7 +103,7 @@ _EOF = object()
 _INTERRUPT = object()
 
 
-class _Run:
+class _RunLoop:
     """One ``conveyor run``: the event loop of the main thread, and the reader thread's body."""
 
     def __init__(
@@ -424,7 +424,9 @@ def _run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         progress = Progress(total) if show_progress else None
-        run = _Run(pool, _Call(fn, args.json), output, journal, progress, args.ordered, args.json)
+        run = _RunLoop(
+            pool, _Call(fn, args.json), output, journal, progress, args.ordered, args.json
+        )
         return _drive(run, pool, lines, skipped)
     finally:
         if output is not None:
@@ -436,7 +438,7 @@ def _run(args: argparse.Namespace) -> int:
                 os.close(source.fd)
 
 
-def _drive(run: _Run, pool: Pool, lines: Iterator[_Line], skipped: int) -> int:
+def _drive(run: _RunLoop, pool: Pool, lines: Iterator[_Line], skipped: int) -> int:
     """Run the loop with the graceful Ctrl-C in place; returns the exit status."""
     started = time.monotonic()
     reader = threading.Thread(target=run.read, args=(lines,), name="conveyor-reader", daemon=True)
