@@ -55,7 +55,7 @@ def test_failures_are_lines_and_exit_1(work: Path) -> None:
     assert error["type"] == "ValueError"
     assert error["message"] == "odd: 3"
     assert "work.py" in error["traceback"] and "fail_odd" in error["traceback"]
-    assert "_cli.py" not in error["traceback"]  # only the function's own frames
+    assert "_cli_call.py" not in error["traceback"]  # only the function's own frames
 
 
 def test_every_input_fails_exit_1(work: Path) -> None:
