@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import _process_funcs as funcs
 import pytest
@@ -237,3 +238,71 @@ def test_a_done_callback_that_waits_for_the_same_pool_gets_an_error_not_a_hang(
                 pool.submit(funcs.double, 4)
         else:
             assert pool.submit(funcs.double, 4).result(WAIT) == 8
+
+
+class _WatchedPoller:
+    """A pool's poller that reports when ``thread`` is about to block in it."""
+
+    def __init__(self, poller: Any, thread: threading.Thread, blocking: threading.Event) -> None:
+        self._poller = poller
+        self._thread = thread
+        self._blocking = blocking
+
+    def poll(self, *timeout: Any) -> Any:
+        if threading.current_thread() is self._thread and timeout[:1] != (0,):
+            self._blocking.set()
+        return self._poller.poll(*timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+def _end_the_future(how: str, pool: conveyor.Pool, future: cf.Future[object]) -> None:
+    if how == "cancel":
+        assert future.cancel()
+    else:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.parametrize("how", ["cancel", "shutdown"])
+def test_a_waiting_thread_running_the_pool_sees_its_future_cancelled_elsewhere(
+    how: str, started: Channel, release: Channel
+) -> None:
+    pool = conveyor.Pool("process", 1)
+    try:
+        backend: Any = pool._backend
+        # Helping or not (it helps unless the dispatcher thread happens to be awake), the
+        # waiting thread comes to a point where the cancel must reach it.
+        ready = threading.Event()
+        offered = backend.help
+
+        def help(future: cf.Future[object], timeout: float | None) -> None:
+            offered(future, timeout)
+            ready.set()  # it could not help, or stopped helping
+
+        backend.help = help
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        slow = pool.submit(funcs.report_and_wait, started.path, release.path, "slow")
+        started.read_line()  # the only worker is busy
+        queued = pool.submit(funcs.double, 2)  # so this waits in the pool's queue
+        outcome: list[object] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(queued.result(WAIT))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        backend._crew.poller = _WatchedPoller(backend._crew.poller, waiter, ready)
+        waiter.start()
+        assert ready.wait(WAIT)
+        _end_the_future(how, pool, queued)
+        waiter.join(WAIT)
+        assert not waiter.is_alive(), "the waiting thread did not see its future cancelled"
+        assert len(outcome) == 1 and isinstance(outcome[0], cf.CancelledError), outcome
+        release.release(1)
+        assert slow.result(WAIT) == "slow"
+    finally:
+        release.release(1)
+        pool.shutdown()

@@ -64,6 +64,9 @@ round trip). A helper that leaves work running wakes the dispatcher thread to ta
 
 While it helps, a helper takes its own worker's pipe out of the park set (so that the parked
 thread does not wake for the answer the helper waits for) and handles every other event itself.
+Every way its future can end wakes a helper: on its own thread it sees the future done after
+the round that ended it; on another thread (``cancel()``, ``shutdown(cancel_futures=True)``)
+a done callback (``_WakeHelper``) writes the wakeup pipe.
 An exception in a helper's rounds is kept in ``_helper_error``: the dispatcher thread, woken,
 ends the pool with it as it would with its own.
 
@@ -129,6 +132,23 @@ atexit.register(_stop_all_at_exit)
 def _fds_of_every_pool() -> list[int]:
     """The pool-side descriptors of every pool in this process (see ``WorkerSet.spawn``)."""
     return [fd for backend in list(_live) for fd in backend._own_fds()]
+
+
+class _WakeHelper:
+    """A done callback, added to the future that a helper waits for, that wakes the helper
+    when the future ends on another thread. It forgets the pool when the helper leaves (it
+    stays among the future's callbacks, which offer no way to remove one)."""
+
+    __slots__ = ("backend", "thread")
+
+    def __init__(self, backend: ProcessBackend) -> None:
+        self.backend: ProcessBackend | None = backend
+        self.thread = threading.get_ident()
+
+    def __call__(self, future: Future[Any]) -> None:
+        backend = self.backend
+        if backend is not None and threading.get_ident() != self.thread:
+            backend._wake_from_outside()
 
 
 class ProcessBackend(Blame, Backend):
@@ -314,6 +334,13 @@ class ProcessBackend(Blame, Backend):
         except OSError:
             pass
         self._wake_sent = False
+
+    def _wake_from_outside(self) -> None:
+        """``_wake`` from a thread that may run after the dispatcher has exited: the pipe is
+        written only while it is open (its number could be another file's after)."""
+        with self._life.lock:
+            if not self._pipes_closed:
+                self._wake()
 
     def _close_pipes(self) -> None:
         self._pipes_closed = True  # before closing: their numbers may be reused at once
@@ -521,8 +548,12 @@ class ProcessBackend(Blame, Backend):
             park_set = self._crew.park_set
             by_fd = self._crew.by_fd
             busy: list[int] = []
+            # A future can end on another thread (cancel(), shutdown(cancel_futures=True)):
+            # that thread must wake us out of poll(). On this thread the callback does nothing.
+            waker = _WakeHelper(self)
             try:
                 if self._parked and self._helper_error is None:
+                    future.add_done_callback(waker)
                     # The parked dispatcher must not wake for the answers we wait for.
                     busy = [p.fd for p in self._crew.procs if p.jobs and p.fd in by_fd]
                     for fd in busy:
@@ -535,6 +566,7 @@ class ProcessBackend(Blame, Backend):
                 # the pool with this error, as it would end it with its own.
                 self._helper_error = exc
             finally:
+                waker.backend = None
                 for fd in busy:
                     if fd in by_fd:
                         park_set.modify(fd, select.EPOLLIN)
