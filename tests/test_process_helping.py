@@ -9,6 +9,7 @@ calls, timeouts of the wait, crashes, Ctrl-C in the main thread.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import _process_funcs as funcs
+import psutil
 import pytest
 from _process_funcs import WAIT, Channel, read_line
 
@@ -306,3 +308,99 @@ def test_a_waiting_thread_running_the_pool_sees_its_future_cancelled_elsewhere(
     finally:
         release.release(1)
         pool.shutdown()
+
+
+def _use_from_the_main_thread(pool: conveyor.Pool) -> None:
+    """Calls waited for by the main thread, which takes the dispatcher role for many."""
+    assert threading.current_thread() is threading.main_thread()
+    for x in range(20):
+        _work_of_its_own()
+        assert pool.submit(funcs.double, x).result(WAIT) == 2 * x
+    assert list(pool.map(funcs.double, range(50), timeout=WAIT)) == [2 * x for x in range(50)]
+
+
+def _own_handler(signum: int, frame: object) -> None:
+    raise AssertionError("not called in this test")
+
+
+@pytest.mark.parametrize("handler", ["default", "own"])
+def test_a_process_pool_leaves_the_sigint_handler_alone(handler: str) -> None:
+    # asyncio.run, for one, takes Ctrl-C over only from Python's default handler.
+    wanted: Any = signal.default_int_handler if handler == "default" else _own_handler
+    previous = signal.signal(signal.SIGINT, wanted)
+    try:
+        with conveyor.Pool("process", 2) as pool:
+            _use_from_the_main_thread(pool)
+            assert signal.getsignal(signal.SIGINT) is wanted
+            _use_from_the_main_thread(pool)
+        assert signal.getsignal(signal.SIGINT) is wanted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_ASYNCIO_CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, signal, sys
+    from pathlib import Path
+    import conveyor
+    sys.path.insert(0, sys.argv[1])
+    import _process_funcs as funcs
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    started, release = sys.argv[2], sys.argv[3]
+
+    async def main(pool):
+        handler = signal.getsignal(signal.SIGINT)
+        print(getattr(getattr(handler, "func", None), "__name__", repr(handler)), flush=True)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(pool, funcs.report_and_wait, started, release, "slow")
+        except asyncio.CancelledError:
+            print("cancelled", flush=True)
+            raise
+
+    pool = conveyor.Pool("process", 2)
+    for x in range(20):  # the main thread used the pool (and took its role for some calls)
+        sum(range(20_000))
+        assert pool.submit(funcs.double, x).result(60) == 2 * x
+    try:
+        asyncio.run(main(pool))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        pool.terminate()
+    """
+)
+
+
+def test_ctrl_c_reaches_asyncio_in_a_program_that_used_a_process_pool(
+    tmp_path: Path, started: Channel, release: Channel
+) -> None:
+    tests = str(Path(__file__).parent)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ASYNCIO_CTRL_C_SCRIPT, tests, started.path, release.path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        assert child.stdout is not None
+        # asyncio.run put its own Ctrl-C handling in place: the pool had left the default.
+        assert read_line(child.stdout, WAIT).strip() == "_on_sigint"
+        (worker,) = started.read_pids(1)  # the call runs
+        child.send_signal(signal.SIGINT)
+        lines = [read_line(child.stdout, WAIT).strip() for _ in range(2)]
+        assert lines == ["cancelled", "interrupted"], lines
+        assert child.wait(WAIT) == 0
+        try:
+            gone = psutil.Process(worker)
+        except psutil.NoSuchProcess:
+            pass  # the worker is gone already
+        else:
+            _, alive = psutil.wait_procs([gone], timeout=WAIT)
+            assert not alive, f"the worker outlived the program: {alive}"
+    finally:
+        child.kill()
+        child.wait(WAIT)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()

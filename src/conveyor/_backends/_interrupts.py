@@ -2,10 +2,15 @@
 
 Python runs signal handlers in the main thread, between any two bytecodes: a KeyboardInterrupt
 there, while the main thread runs the dispatcher's code (``ProcessBackend.help``), could stop it
-half-way through an update and lose a call. So while the main thread helps, Ctrl-C is deferred:
-the handler below wakes the helper, which leaves the role and then raises KeyboardInterrupt. It
-replaces Python's default handler, and only that one, the first time the main thread helps; it
-behaves as the default at any other moment.
+half-way through an update and lose a call. So while the main thread holds the role, Ctrl-C is
+deferred: ``hold_interrupts`` puts ``_on_interrupt`` in place of Python's default handler (and
+only of that one), which wakes the helper instead of raising; ``release_interrupts`` puts the
+exact handler it replaced back, after the role is given back, then raises the KeyboardInterrupt
+that waited. At any other moment the process's handler is left alone: ``asyncio.run``, which
+installs its own Ctrl-C handling only over the default handler, sees the default one.
+
+A program with a handler of its own keeps it: the main thread then never takes the role (that
+handler may raise anywhere), and waits for the dispatcher thread instead.
 
 Threads: only the main thread reads or writes this module's state (signal handlers run there,
 and only the main thread holds interrupts), so it needs no lock.
@@ -23,6 +28,7 @@ from typing import Any
 _SIGINT = int(signal.SIGINT)
 # The C function: signal.getsignal's wrapper (turning numbers into enums) takes microseconds.
 _getsignal: Callable[[int], Any] = importlib.import_module("_signal").getsignal
+_setsignal: Callable[[int, Any], Any] = importlib.import_module("_signal").signal
 _MAIN_THREAD = threading.main_thread().ident
 
 # The wakeup pipe (write end) of the pool whose role the main thread holds, if it holds one.
@@ -53,39 +59,33 @@ def may_help_here() -> bool:
     if threading.get_ident() != _MAIN_THREAD:
         return True
     handler = _getsignal(_SIGINT)
-    if handler is _on_interrupt or handler in (signal.SIG_IGN, signal.SIG_DFL):
-        return True  # (no Python code runs for an ignored or default signal)
-    if handler is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_interrupt)
-        return True
-    return False  # a handler of the program's own, which may raise anywhere
+    # (No Python code runs for an ignored or default signal.)
+    return handler is signal.default_int_handler or handler in (signal.SIG_IGN, signal.SIG_DFL)
 
 
-def hold_interrupts(wake_fd: int) -> bool:
+def hold_interrupts(wake_fd: int) -> Any:
     """Before the calling thread takes the role of the pool woken through ``wake_fd``: if it is
-    the main thread, Ctrl-C waits from now on (see above). Returns whether it is."""
+    the main thread and Python's default handler is in place, Ctrl-C waits from now on (see
+    above). Returns what ``release_interrupts`` needs: the handler to put back, or None."""
     global _main_helping
     if threading.get_ident() != _MAIN_THREAD:
-        return False
+        return None
+    if _getsignal(_SIGINT) is not signal.default_int_handler:
+        return None
     _main_helping = wake_fd
-    return True
+    return _setsignal(_SIGINT, _on_interrupt)
 
 
-def release_interrupts(main: bool) -> None:
-    """After the role is given back: a Ctrl-C that waited is raised now."""
+def release_interrupts(previous: Any) -> None:
+    """After the role is given back: put back the handler that ``hold_interrupts`` replaced,
+    then raise a Ctrl-C that waited."""
     global _main_helping, _interrupted
-    if main:
+    if previous is None:
+        return
+    try:
         _main_helping = None
-        if _interrupted:
-            _interrupted = False
-            raise KeyboardInterrupt
-
-
-def restore_interrupts(pools_left: bool) -> None:
-    """Put Python's default SIGINT handler back once no pool is left to help."""
-    if (
-        not pools_left
-        and threading.get_ident() == _MAIN_THREAD
-        and _getsignal(_SIGINT) is _on_interrupt
-    ):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupted, _interrupted = _interrupted, False
+    finally:
+        _setsignal(_SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt

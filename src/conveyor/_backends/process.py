@@ -287,7 +287,6 @@ class ProcessBackend(Blame, Backend):
             ):
                 thread.join()
         _live.discard(self)
-        _interrupts.restore_interrupts(pools_left=bool(_live))
 
     def busy(self) -> int:
         # Read without the role: a snapshot, safe under the GIL (see ``_workers``), and as
@@ -519,7 +518,7 @@ class ProcessBackend(Blame, Backend):
         if not _interrupts.may_help_here():
             self._wake()
             return
-        main = _interrupts.hold_interrupts(self._wake_w)
+        held = _interrupts.hold_interrupts(self._wake_w)
         try:
             if not self._take_role():
                 self._wake()
@@ -532,7 +531,7 @@ class ProcessBackend(Blame, Backend):
             finally:
                 self._give_back()
         finally:
-            _interrupts.release_interrupts(main)
+            _interrupts.release_interrupts(held)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
@@ -541,7 +540,7 @@ class ProcessBackend(Blame, Backend):
             raise waits_for_itself("waiting for a call's future")
         if not self._parked or not _interrupts.may_help_here():
             return
-        main = _interrupts.hold_interrupts(self._wake_w)
+        held = _interrupts.hold_interrupts(self._wake_w)
         try:
             if not self._take_role():
                 return
@@ -572,7 +571,7 @@ class ProcessBackend(Blame, Backend):
                         park_set.modify(fd, select.EPOLLIN)
                 self._give_back()
         finally:
-            _interrupts.release_interrupts(main)
+            _interrupts.release_interrupts(held)
 
     # -- the end ------------------------------------------------------------------------------
 
