@@ -34,7 +34,7 @@ import pytest
 from _process_funcs import WAIT, Channel, read_line, wait_gone
 
 import conveyor
-from conveyor._backends.process import ProcessBackend
+from conveyor._backends._workers import WorkerSet
 
 #: A per-call timeout long enough for any call that is not stuck, even on a loaded machine.
 TIMEOUT = 3.0
@@ -141,13 +141,13 @@ def test_a_thread_that_a_call_leaves_running_does_not_hold_its_worker_at_shutdow
     method: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     signals: list[int] = []
-    send = ProcessBackend._signal
+    send = WorkerSet.signal
 
-    def recording(backend: ProcessBackend, proc: Any, signum: int) -> None:
+    def recording(crew: WorkerSet, proc: Any, signum: int) -> None:
         signals.append(signum)
-        send(backend, proc, signum)
+        send(crew, proc, signum)
 
-    monkeypatch.setattr(ProcessBackend, "_signal", recording)
+    monkeypatch.setattr(WorkerSet, "signal", recording)
     with conveyor.Pool("process", 1, mp_context=context(method)) as pool:
         assert pool.submit(funcs.leave_a_thread, 5).result(WAIT) == 5
     # Told to stop, the worker exited without waiting for that thread: it was not killed.

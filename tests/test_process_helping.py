@@ -9,13 +9,16 @@ calls, timeouts of the wait, crashes, Ctrl-C in the main thread.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import _process_funcs as funcs
+import psutil
 import pytest
 from _process_funcs import WAIT, Channel, read_line
 
@@ -237,3 +240,167 @@ def test_a_done_callback_that_waits_for_the_same_pool_gets_an_error_not_a_hang(
                 pool.submit(funcs.double, 4)
         else:
             assert pool.submit(funcs.double, 4).result(WAIT) == 8
+
+
+class _WatchedPoller:
+    """A pool's poller that reports when ``thread`` is about to block in it."""
+
+    def __init__(self, poller: Any, thread: threading.Thread, blocking: threading.Event) -> None:
+        self._poller = poller
+        self._thread = thread
+        self._blocking = blocking
+
+    def poll(self, *timeout: Any) -> Any:
+        if threading.current_thread() is self._thread and timeout[:1] != (0,):
+            self._blocking.set()
+        return self._poller.poll(*timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._poller, name)
+
+
+def _end_the_future(how: str, pool: conveyor.Pool, future: cf.Future[object]) -> None:
+    if how == "cancel":
+        assert future.cancel()
+    else:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.parametrize("how", ["cancel", "shutdown"])
+def test_a_waiting_thread_running_the_pool_sees_its_future_cancelled_elsewhere(
+    how: str, started: Channel, release: Channel
+) -> None:
+    pool = conveyor.Pool("process", 1)
+    try:
+        backend: Any = pool._backend
+        # Helping or not (it helps unless the dispatcher thread happens to be awake), the
+        # waiting thread comes to a point where the cancel must reach it.
+        ready = threading.Event()
+        offered = backend.help
+
+        def help(future: cf.Future[object], timeout: float | None) -> None:
+            offered(future, timeout)
+            ready.set()  # it could not help, or stopped helping
+
+        backend.help = help
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2
+        slow = pool.submit(funcs.report_and_wait, started.path, release.path, "slow")
+        started.read_line()  # the only worker is busy
+        queued = pool.submit(funcs.double, 2)  # so this waits in the pool's queue
+        outcome: list[object] = []
+
+        def wait() -> None:
+            try:
+                outcome.append(queued.result(WAIT))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        backend._crew.poller = _WatchedPoller(backend._crew.poller, waiter, ready)
+        waiter.start()
+        assert ready.wait(WAIT)
+        _end_the_future(how, pool, queued)
+        waiter.join(WAIT)
+        assert not waiter.is_alive(), "the waiting thread did not see its future cancelled"
+        assert len(outcome) == 1 and isinstance(outcome[0], cf.CancelledError), outcome
+        release.release(1)
+        assert slow.result(WAIT) == "slow"
+    finally:
+        release.release(1)
+        pool.shutdown()
+
+
+def _use_from_the_main_thread(pool: conveyor.Pool) -> None:
+    """Calls waited for by the main thread, which takes the dispatcher role for many."""
+    assert threading.current_thread() is threading.main_thread()
+    for x in range(20):
+        _work_of_its_own()
+        assert pool.submit(funcs.double, x).result(WAIT) == 2 * x
+    assert list(pool.map(funcs.double, range(50), timeout=WAIT)) == [2 * x for x in range(50)]
+
+
+def _own_handler(signum: int, frame: object) -> None:
+    raise AssertionError("not called in this test")
+
+
+@pytest.mark.parametrize("handler", ["default", "own"])
+def test_a_process_pool_leaves_the_sigint_handler_alone(handler: str) -> None:
+    # asyncio.run, for one, takes Ctrl-C over only from Python's default handler.
+    wanted: Any = signal.default_int_handler if handler == "default" else _own_handler
+    previous = signal.signal(signal.SIGINT, wanted)
+    try:
+        with conveyor.Pool("process", 2) as pool:
+            _use_from_the_main_thread(pool)
+            assert signal.getsignal(signal.SIGINT) is wanted
+            _use_from_the_main_thread(pool)
+        assert signal.getsignal(signal.SIGINT) is wanted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_ASYNCIO_CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, signal, sys
+    from pathlib import Path
+    import conveyor
+    sys.path.insert(0, sys.argv[1])
+    import _process_funcs as funcs
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    started, release = sys.argv[2], sys.argv[3]
+
+    async def main(pool):
+        handler = signal.getsignal(signal.SIGINT)
+        print(getattr(getattr(handler, "func", None), "__name__", repr(handler)), flush=True)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(pool, funcs.report_and_wait, started, release, "slow")
+        except asyncio.CancelledError:
+            print("cancelled", flush=True)
+            raise
+
+    pool = conveyor.Pool("process", 2)
+    for x in range(20):  # the main thread used the pool (and took its role for some calls)
+        sum(range(20_000))
+        assert pool.submit(funcs.double, x).result(60) == 2 * x
+    try:
+        asyncio.run(main(pool))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        pool.terminate()
+    """
+)
+
+
+def test_ctrl_c_reaches_asyncio_in_a_program_that_used_a_process_pool(
+    tmp_path: Path, started: Channel, release: Channel
+) -> None:
+    tests = str(Path(__file__).parent)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ASYNCIO_CTRL_C_SCRIPT, tests, started.path, release.path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    try:
+        assert child.stdout is not None
+        # asyncio.run put its own Ctrl-C handling in place: the pool had left the default.
+        assert read_line(child.stdout, WAIT).strip() == "_on_sigint"
+        (worker,) = started.read_pids(1)  # the call runs
+        child.send_signal(signal.SIGINT)
+        lines = [read_line(child.stdout, WAIT).strip() for _ in range(2)]
+        assert lines == ["cancelled", "interrupted"], lines
+        assert child.wait(WAIT) == 0
+        try:
+            gone = psutil.Process(worker)
+        except psutil.NoSuchProcess:
+            pass  # the worker is gone already
+        else:
+            _, alive = psutil.wait_procs([gone], timeout=WAIT)
+            assert not alive, f"the worker outlived the program: {alive}"
+    finally:
+        child.kill()
+        child.wait(WAIT)
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,469 @@
+"""Scheduling on the process backend: which job goes to which worker, and the wire between
+them (the function cache, sending a job, reading and acting on what a worker sends back).
+
+A batch from ``Pool`` becomes a ``BatchRun``; it is sent as one ``Job`` or, after a crash or
+a split, as several. Every worker runs one job and, when jobs are measured to be short, has one
+more waiting in its pipe (pipelining). Calls measured to take microseconds run in the worker's
+fast loop, unmarked (see ``_worker``).
+
+Threads: everything here is owned by whoever holds the dispatcher role (see ``process``). The
+only state shared with other threads is the inbox (a deque, whose operations are atomic) and
+the pool's ``Lifecycle`` flags (see ``_lifecycle``).
+
+``Scheduling`` is the first layer of ``ProcessBackend``'s dispatcher code: ``_blame.Blame``
+builds on it (what a fault means for which call), and ``process.ProcessBackend`` on that (the
+dispatcher role). They are one object; the layers only sort its code into rooms.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .._errors import BrokenPool, PicklingFailed, UnpicklingFailed
+from . import _wire, _worker
+from ._base import Batch, NotRun
+from ._lifecycle import Lifecycle
+from ._workers import Proc, WorkerSet
+
+__all__ = ["BatchRun", "FunctionCache", "Job", "Scheduling"]
+
+#: A job expected to run less than this may wait in a worker's pipe behind another...
+PIPELINE_SECONDS = 0.002
+#: ... if its message is no longer than this: it must fit in the pipe's buffer. A worker that
+#: runs a job does not read its pipe, and may be blocked sending us a large result: had we
+#: blocked sending it a large job meanwhile, each would wait for the other for ever. Nor is a
+#: worker still starting sent more than this: its initializer may take its time, and we would
+#: wait for it, deaf to everything else.
+PIPELINE_BYTES = 32 << 10
+#: A job measured to end within this many seconds is waited for without sleeping: waking a
+#: sleeping thread costs tens of microseconds on a virtual machine, as much as such a job.
+SPIN_SECONDS = 100e-6
+#: Calls measured to take less than this run in the worker's fast loop (see _worker).
+TRIVIAL_CALL_SECONDS = 2e-6
+#: Functions cached per pool (and per worker) before the caches are reset.
+FUNCTION_CACHE = 256
+
+_RUN = bytes([_worker.RUN])
+_FORGET = bytes([_worker.FORGET])
+
+
+class BatchRun:
+    """A batch being run, possibly as several jobs (after a crash or a split)."""
+
+    __slots__ = ("batch", "open_jobs")
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.open_jobs = 0
+
+
+class Job:
+    """Some calls of one batch, sent to one worker as one message."""
+
+    __slots__ = (
+        "careful",
+        "deadline",
+        "files",
+        "indexes",
+        "large",
+        "ordinal",
+        "received",
+        "run",
+        "segments",
+    )
+
+    def __init__(self, run: BatchRun, indexes: range | list[int], careful: bool = False) -> None:
+        self.run = run
+        self.careful = careful  # never in the fast loop: it holds a call that crashed one
+        # Batch positions of this job's calls, in order: a range while they are contiguous,
+        # so that results land in the batch with one slice assignment.
+        self.indexes = indexes
+        self.received = 0  # how many of them have an outcome
+        self.deadline: float | None = None
+        self.files: list[str] = []  # shared-memory files of the sent message
+        self.segments: list[str] = []  # the pool's segments it was sent in (see _wire)
+        self.ordinal = 0  # this job's number among those sent to its worker
+        self.large = False  # its message is too large to wait in a pipe (PIPELINE_BYTES)
+        run.open_jobs += 1
+
+
+class FunctionCache:
+    """The functions sent to workers, each pickled once per pool and sent once per worker,
+    with the measured seconds per call of each."""
+
+    def __init__(self) -> None:
+        # id(fn) -> (fn, its id on the wire, its pickle)
+        self._entries: collections.OrderedDict[int, tuple[Any, int, bytes]] = (
+            collections.OrderedDict()
+        )
+        self._ids = itertools.count()
+        self._seconds: dict[int, float] = {}  # measured seconds per call, by wire id
+
+    def blob_for(self, proc: Proc, fn: Any) -> tuple[int, bytes | None]:
+        """The id under which ``proc`` knows ``fn``, and its pickle if it does not yet."""
+        entry = self._entries.get(id(fn))
+        if entry is None or entry[0] is not fn:
+            entry = (fn, next(self._ids), _wire.dumps_function(fn))
+            self._entries[id(fn)] = entry
+            if len(self._entries) > FUNCTION_CACHE:
+                _, (_, old_id, _) = self._entries.popitem(last=False)
+                self._seconds.pop(old_id, None)
+        else:
+            self._entries.move_to_end(id(fn))
+        fn_id = entry[1]
+        if fn_id in proc.known:
+            return fn_id, None
+        if len(proc.known) >= FUNCTION_CACHE:
+            proc.conn.send_bytes(_FORGET)
+            proc.known.clear()
+        proc.known.add(fn_id)
+        return fn_id, entry[2]
+
+    def call_seconds(self, fn: Any) -> float | None:
+        """The measured seconds per call of ``fn``, if known."""
+        entry = self._entries.get(id(fn))
+        return None if entry is None else self._seconds.get(entry[1])
+
+    def seconds_by_id(self, fn_id: int) -> float | None:
+        return self._seconds.get(fn_id)
+
+    def measure(self, batch: Batch, calls: int, elapsed: float) -> None:
+        entry = self._entries.get(id(batch.fn))
+        if entry is None or entry[0] is not batch.fn or not calls:
+            return
+        per_call = elapsed / calls
+        old = self._seconds.get(entry[1])
+        self._seconds[entry[1]] = per_call if old is None else 0.5 * (old + per_call)
+
+
+class Scheduling:
+    """Assigning jobs to workers, sending them and reading their outcomes."""
+
+    # The state it works on, set up by ProcessBackend.__init__:
+    workers: int
+    _life: Lifecycle
+    _inbox: collections.deque[Batch]
+    _jobs: collections.deque[Job]  # reruns, ahead of the inbox
+    _crew: WorkerSet
+    _functions: FunctionCache
+    _segments: _wire.Segments  # where jobs' large buffers travel
+    _max_tasks: int | None
+    _cpus: int
+    _on_broken: Callable[[BaseException], None]
+
+    # Provided by the layers above (_blame.Blame, process.ProcessBackend):
+    def _split_unpicklable(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def _unreadable_job(self, job: Job, error: BaseException) -> None:
+        raise NotImplementedError
+
+    def _unreadable_results(self, proc: Proc, error: BaseException) -> None:
+        raise NotImplementedError
+
+    def _fail_pool(self, error: BrokenPool) -> None:
+        raise NotImplementedError
+
+    # -- choosing work ------------------------------------------------------------------------
+
+    def _assign(self) -> None:
+        """Keep every worker busy: one job running and, when it is short, one more queued in
+        its pipe so that the worker never waits for us between jobs.
+
+        Only a job measured to be short waits behind another: a long one queued behind a
+        running job could sit there while another worker is idle.
+        """
+        self._grow()
+        # Every idle worker gets a job before any busy one gets a second: a call measured to
+        # be short may block this time, and nothing should wait behind it while a worker idles.
+        for depth in (1, 2):
+            for proc in self._crew.procs:
+                if proc.spare:
+                    continue
+                while not proc.leaving and len(proc.jobs) < depth and self._has_room(proc):
+                    # Look before taking: a batch taken has begun (its future runs, its
+                    # place under max_pending is freed), so take only what is sent now.
+                    if proc.jobs and not (self._is_short(proc.jobs[0]) and self._next_is_short()):
+                        break
+                    if not proc.ready and self._jobs and self._jobs[0].large:
+                        break  # it waits for a ready worker (see _send)
+                    job = self._next_job()
+                    if job is None:
+                        return
+                    if not self._send(proc, job):
+                        break
+
+    def _grow(self) -> None:
+        """Start workers as work comes, up to ``workers``: one for each job waiting beyond the
+        idle workers. A pool that runs one call starts one worker, and its shutdown does not
+        wait for others to finish starting (the stdlib's executor does the same)."""
+        live = self._crew.live()
+        missing = self.workers - len(live)
+        if missing <= 0 or self._life.stopping:
+            return
+        waiting = len(self._jobs) + len(self._inbox) - sum(1 for p in live if not p.jobs)
+        for _ in range(min(missing, waiting)):
+            self._crew.spawn()
+
+    def _is_trivial(self, job: Job, fn_id: int) -> bool:
+        """Whether ``job`` may run in the worker's fast loop: many calls, each measured to
+        take a few microseconds, so none is worth the cost of marking it."""
+        seconds = self._functions.seconds_by_id(fn_id)
+        return (
+            not job.careful
+            and len(job.indexes) > 64
+            and seconds is not None
+            and seconds < TRIVIAL_CALL_SECONDS
+        )
+
+    def _is_short(self, job: Job) -> bool:
+        """Whether ``job`` is expected to run under ``PIPELINE_SECONDS`` (and has no deadline,
+        which is counted from the moment it is sent) and may wait in a pipe."""
+        return not job.large and self._runs_short(job.run.batch, len(job.indexes))
+
+    def _next_is_short(self) -> bool:
+        """Whether the job ``_next_job`` would return is short (False if there is none)."""
+        if self._jobs:
+            return self._is_short(self._jobs[0])
+        try:
+            batch = self._inbox[0]
+        except IndexError:
+            return False
+        return self._runs_short(batch, len(batch))
+
+    def _runs_short(self, batch: Batch, calls: int) -> bool:
+        if batch.timeout is not None:
+            return False
+        seconds = self._functions.call_seconds(batch.fn)
+        return seconds is not None and seconds * calls < PIPELINE_SECONDS
+
+    def _expects_soon(self) -> bool:
+        """Whether a running job is measured to end within ``SPIN_SECONDS``, and a CPU is
+        free to wait for it on (each busy worker takes one; waiting awake takes another)."""
+        soon = False
+        busy = 0
+        for proc in self._crew.procs:
+            if proc.jobs:
+                busy += 1
+                job = proc.jobs[0]
+                seconds = self._functions.call_seconds(job.run.batch.fn)
+                if seconds is not None and seconds * len(job.indexes) < SPIN_SECONDS:
+                    soon = True
+        return soon and busy < self._cpus
+
+    def _has_room(self, proc: Proc) -> bool:
+        return self._max_tasks is None or proc.done < self._max_tasks
+
+    def _next_job(self) -> Job | None:
+        if self._jobs:
+            return self._jobs.popleft()
+        while not self._life.killing:
+            try:
+                batch = self._inbox.popleft()
+            except IndexError:
+                return None
+            if batch.begin():
+                return Job(BatchRun(batch), range(len(batch)))
+        return None
+
+    def _quiet(self) -> bool:
+        """No work queued or running."""
+        return not self._inbox and not self._jobs and not any(p.jobs for p in self._crew.procs)
+
+    def _nearest_deadline(self) -> float | None:
+        nearest: float | None = None
+        for proc in self._crew.procs:
+            head = proc.jobs[0].deadline if proc.jobs else None
+            for moment in (head, proc.kill_at):
+                if moment is not None and (nearest is None or moment < nearest):
+                    nearest = moment
+        return nearest
+
+    # -- the wire -----------------------------------------------------------------------------
+
+    def _send(self, proc: Proc, job: Job) -> bool:
+        """Send ``job`` to ``proc`` (or end it, if it cannot be pickled); False if it is too
+        large to wait in ``proc``'s pipe (``PIPELINE_BYTES``), and is queued again for a ready,
+        idle worker."""
+        batch = job.run.batch
+        if self._max_tasks is not None:
+            room = self._max_tasks - proc.done
+            if len(job.indexes) > room:
+                self._jobs.appendleft(Job(job.run, job.indexes[room:]))
+                job.indexes = job.indexes[:room]
+        try:
+            fn_id, fn_blob = self._functions.blob_for(proc, batch.fn)
+        except Exception as exc:
+            problem = exc
+            self._fail_job(job, lambda: pickling_failed("function", problem))
+            return True
+        indexes = job.indexes
+        args: Sequence[Any]
+        if isinstance(indexes, range) and len(indexes) == len(batch):
+            args = batch.args
+        elif isinstance(indexes, range) and indexes.step == 1:
+            args = batch.args[indexes.start : indexes.stop]
+        else:
+            args = [batch.args[i] for i in indexes]
+        try:
+            args = _wire.wrap_big_bytes(args)
+            fast = self._is_trivial(job, fn_id)
+            self._segments.last = []
+            payload = _wire.dumps(
+                (fn_id, fn_blob, batch.star, batch.kwargs, fast, args), self._segments
+            )
+        except Exception:
+            if fn_blob is not None:
+                proc.known.discard(fn_id)
+            self._split_unpicklable(job)
+            return True
+        if (proc.jobs or not proc.ready) and len(payload) > PIPELINE_BYTES:
+            _wire.forget_files(_wire.files_of(payload))
+            self._segments.release(self._segments.last)
+            if fn_blob is not None:
+                proc.known.discard(fn_id)
+            job.large = True
+            self._jobs.appendleft(job)
+            return False
+        job.files = _wire.files_of(payload)
+        job.segments = self._segments.last
+        proc.sent += 1
+        job.ordinal = proc.sent
+        proc.done += len(indexes)
+        if batch.timeout is not None and not proc.jobs and proc.ready:
+            # A worker still starting sets the clock going when it is ready (see _handle).
+            job.deadline = time.monotonic() + batch.timeout
+        proc.jobs.append(job)
+        try:
+            proc.conn.send_bytes(_RUN + payload)
+        except OSError:
+            pass  # the worker is dead; its sentinel reports it and the job runs elsewhere
+        return True
+
+    def _receive(self, proc: Proc) -> bool:
+        """Read what ``proc`` sent; False if its pipe is closed."""
+        conn = proc.conn
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                return False
+            try:
+                message, lost = _wire.loads_salvaging(data)
+            except BaseException as exc:
+                self._unreadable_results(proc, exc)
+            else:
+                self._handle(proc, message, lost)
+            if not proc.pending.poll(0):
+                return True
+
+    def _handle(
+        self, proc: Proc, message: tuple[Any, ...], lost: dict[int, BaseException] | None
+    ) -> None:
+        """Act on a message; ``lost``: the values in it that could not be unpickled."""
+        kind = message[0]
+        if lost and kind != _worker.RESULTS:
+            self._unreadable_results(proc, next(iter(lost.values())))
+            return
+        if kind == _worker.RESULTS:
+            _, first, errors, finished, elapsed, values = message
+            if not proc.jobs:
+                return  # the job was given up at its deadline
+            job = proc.jobs[0]
+            batch = job.run.batch
+            placed = job.indexes[first : first + len(values)]
+            if isinstance(placed, range):
+                batch.values[placed.start : placed.stop] = values
+            else:
+                for place, value in zip(placed, values, strict=True):
+                    batch.values[place] = value
+            for offset, packed in errors.items():
+                batch.fail(placed[offset], _worker.unpack_error(packed))
+            if lost:
+                for offset, problem in lost.items():
+                    batch.fail(placed[offset], unreadable_result(problem))
+            job.received = first + len(values)
+            if finished:
+                # ``elapsed`` counts from the job's start: only the last report is its total.
+                batch.elapsed += elapsed
+                self._functions.measure(batch, len(job.indexes), elapsed)
+                proc.jobs.popleft()
+                self._close_job(job)
+                if proc.jobs and proc.jobs[0].run.batch.timeout is not None:
+                    proc.jobs[0].deadline = time.monotonic() + proc.jobs[0].run.batch.timeout
+                if self._max_tasks is not None and proc.done >= self._max_tasks and not proc.jobs:
+                    self._crew.retire(proc)
+        elif kind == _worker.UNREADABLE:
+            # The worker may have lost a function it was sent with that job: send again.
+            proc.known.clear()
+            if proc.jobs:
+                self._unreadable_job(proc.jobs.popleft(), _worker.unpack_error(message[1]))
+        elif kind == _worker.KEPT:
+            # A call kept a reference to its argument: its segment is its own from now on.
+            self._segments.discard(message[1])
+        elif kind == _worker.INIT_FAILED:
+            error = _worker.unpack_error(message[1])
+            with self._life.lock:
+                self._life.broken = True
+            proc.leaving = True
+            self._on_broken(error)
+            while proc.jobs:
+                self._fail_job(proc.jobs.popleft(), NotRun)
+        elif kind == _worker.READY:
+            proc.ready = True  # jobs were sent before this arrived; they wait in the pipe
+            self._crew.failed_starts = 0
+            head = proc.jobs[0] if proc.jobs else None
+            if head is not None and head.run.batch.timeout is not None and head.deadline is None:
+                head.deadline = time.monotonic() + head.run.batch.timeout
+
+    # -- ending jobs --------------------------------------------------------------------------
+
+    def _fail_job(self, job: Job, error: Callable[[], BaseException]) -> None:
+        batch = job.run.batch
+        for index in job.indexes[job.received :]:
+            batch.fail(index, error())
+        self._close_job(job)
+
+    def _close_job(self, job: Job) -> None:
+        _wire.forget_files(job.files)
+        self._segments.release(job.segments)
+        run = job.run
+        run.open_jobs -= 1
+        if run.open_jobs == 0:
+            run.batch.finish()
+
+    def _requeue(self, job: Job) -> None:
+        """Run the open calls of ``job`` elsewhere, ahead of new work."""
+        rest = job.indexes[job.received :]
+        if rest:
+            self._jobs.appendleft(Job(job.run, rest))
+        self._close_job(job)
+
+    @staticmethod
+    def _hold(proc: Proc, job: Job) -> None:
+        """``proc`` runs on, for now, without ``job`` and the jobs queued behind it: the
+        segments they were sent in are not written again before it is gone."""
+        for sent in (job, *proc.jobs):
+            proc.held += sent.segments
+            sent.segments = []
+
+
+def unreadable_result(error: BaseException) -> UnpicklingFailed:
+    problem = UnpicklingFailed(
+        f"the call's result could not be unpickled in the pool: {type(error).__name__}: {error}"
+    )
+    problem.__cause__ = error
+    return problem
+
+
+def pickling_failed(what: str, error: BaseException) -> PicklingFailed:
+    problem = PicklingFailed(
+        f"the call's {what} cannot be pickled for a worker process: "
+        f"{type(error).__name__}: {error}"
+    )
+    problem.__cause__ = error
+    return problem
