@@ -420,3 +420,17 @@ def counting(source: Iterator[Any], pulled: list[Any]) -> Iterator[Any]:
     for item in source:
         pulled.append(item)
         yield item
+
+
+# -- references -----------------------------------------------------------------------------
+
+
+class Dummy:
+    """An object a test can hold a weak reference to."""
+
+    def method(self, x: int) -> int:
+        return x + 1
+
+
+def make_dummy(_: Any) -> Dummy:
+    return Dummy()

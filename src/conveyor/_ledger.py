@@ -30,16 +30,21 @@ go to the ledger's callback thread there, see ``_Callbacks``).
 from __future__ import annotations
 
 import functools
-import inspect
 import queue
 import threading
-import types
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
-from ._backends._base import Backend, Batch, NotRun, plain, waits_for_itself
+from ._backends._base import (
+    Backend,
+    Batch,
+    NotRun,
+    has_user_callbacks,
+    plain,
+    waits_for_itself,
+)
+from ._backends._fnref import FnRef, fn_key, fn_ref, is_fn
 from ._errors import BrokenPool, InitializerFailed, PoolFull, TaskTimeout
 
 __all__ = ["CANCELLED", "DONE", "QUEUED", "RUNNING", "CallCosts", "Counts", "Ledger"]
@@ -77,83 +82,84 @@ class CallCosts:
     LIMIT = 64
 
     def __init__(self) -> None:
-        self._costs: dict[object, tuple[Callable[[], object], float]] = {}
+        self._costs: dict[Hashable, tuple[FnRef, float]] = {}
 
     def get(self, fn: Callable[..., Any]) -> float | None:
-        entry = self._costs.get(_key(fn))
-        # (Equal, not identical: each ``obj.method`` is a new bound method, equal to the last.)
-        if entry is None or entry[0]() != fn:
+        entry = self._costs.get(fn_key(fn))
+        if entry is None or not is_fn(entry[0], fn):
             return None
         return entry[1]
 
     def put(self, fn: Callable[..., Any], seconds: float) -> None:
-        ref: Callable[[], object]
-        try:
-            ref = weakref.WeakMethod(fn) if inspect.ismethod(fn) else weakref.ref(fn)
-        except TypeError:
-            owner = getattr(fn, "__self__", None)
-            if owner is not None and not isinstance(owner, (type, types.ModuleType)):
-                return  # a builtin bound to an object: holding it would hold the object
-            ref = functools.partial(_same, fn)  # a builtin function lives for ever anyway
+        ref = fn_ref(fn)
+        if ref is None:
+            return
         if len(self._costs) >= self.LIMIT:
             self._costs.clear()
-        self._costs[_key(fn)] = (ref, seconds)
-
-
-def _key(fn: Callable[..., Any]) -> object:
-    if inspect.ismethod(fn):
-        return (id(fn.__func__), id(fn.__self__))
-    return id(fn)
-
-
-def _same(fn: object) -> object:
-    return fn
+        self._costs[fn_key(fn)] = (ref, seconds)
 
 
 class _Callbacks:
-    """A thread that ends futures whose done callbacks must not run where they were ended.
+    """Threads that run user code a backend's loop must not run: the done callbacks of a
+    future ended on a thread that holds the loop (the process backend's dispatcher thread).
+    One slow callback there would delay every deadline and crash check, and one that waits
+    for the pool would wait for itself.
 
-    A backend that runs its loop on the thread that ends a future (the process backend's
-    dispatcher role) would run the future's done callbacks there: one slow callback would
-    delay every deadline and crash check, and one that waits for the pool would wait for
-    itself. Such futures are ended here instead, in the order they were handed over.
+    A thread is started whenever work comes and none is idle, so that a callback that waits
+    for another future of the pool (whose callbacks come here too) cannot wait for itself.
+    Threads stop once the pool has ended every call (``stop``).
     """
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Any, bool] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
         self._stopped = False
 
-    def end(self, future: Future[Any], outcome: Any, failed: bool) -> None:
+    def run(self, work: Callable[[], object]) -> None:
         with self._lock:
-            if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-            running = self._thread is not None and not self._stopped
-            if running:
-                self._queue.put((future, outcome, failed))
-        if not running:
-            _end(future, outcome, failed)  # stopped: nothing else could end it
+            if self._stopped:
+                start = False
+            elif self._idle:
+                self._idle -= 1
+                start = False
+            else:
+                start = True
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+            stopped = self._stopped
+            if not stopped:
+                self._queue.put(work)
+        if stopped:
+            work()  # nothing else could run it
+        elif start:
+            thread.start()
 
     def stop(self, wait: bool) -> None:
-        """End what was handed over, then the thread; ``wait`` for it."""
+        """Let every thread end once the work handed over is done; ``wait`` for them."""
         with self._lock:
-            thread = self._thread
+            threads = list(self._threads)
             if not self._stopped:
                 self._stopped = True
-                self._queue.put(None)
-        if wait and thread is not None and thread is not threading.current_thread():
-            thread.join()
+                for _ in threads:
+                    self._queue.put(None)
+        if wait:
+            current = threading.current_thread()
+            for thread in threads:
+                if thread is not current:
+                    thread.join()
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
         get = self._queue.get
-        while (item := get()) is not None:
-            _end(*item)
-            del item
+        while (work := get()) is not None:
+            work()
+            del work
+            with self._lock:
+                self._idle += 1
 
 
 def _end(future: Future[Any], outcome: Any, failed: bool) -> None:
@@ -328,9 +334,12 @@ class Ledger:
             outcome = root.errors[0] if root.errors else root.values[0]
             root.values = []  # the future holds the outcome from now on, not the batch
             root.errors = None
-            # (A stdlib Future keeps its callbacks in _done_callbacks; unknown: assume some.)
-            if getattr(future, "_done_callbacks", True) and backend.runs_loop_here():
-                self._callbacks.end(future, outcome, failed_call)
+            if has_user_callbacks(future) and backend.runs_loop_here():
+                # Its callbacks must not run while this thread holds the backend's loop.
+                work = functools.partial(_end, future, outcome, failed_call)
+                if not backend.defer(work):
+                    self._callbacks.run(work)
+                del work
             else:
                 _end(future, outcome, failed_call)
             del outcome
@@ -487,6 +496,7 @@ class Ledger:
         if stop:
             assert self.backend is not None
             self.backend.shutdown(wait=False)
+            self._callbacks.stop(wait=False)  # (every call has ended: no callback is to come)
 
     def wait_idle(self) -> None:
         """Block until every accepted batch is DONE or CANCELLED."""

@@ -66,6 +66,7 @@ def map_results(
     batches = _batches(state)
     results: MapResults[R] = MapResults.from_iterable(batches)  # type: ignore[assignment]
     results._batches = batches
+    results._state = state
     if not eager:
         weakref.finalize(results, state.close)
     return results
@@ -78,12 +79,14 @@ class MapResults(itertools.chain[R]):
     Each batch's results are popped as they are handed out, so that the iterator keeps no
     reference to a result its caller has dropped."""
 
-    __slots__ = ("__weakref__", "_batches")
+    __slots__ = ("__weakref__", "_batches", "_state")
     _batches: Generator[Iterator[Any], None, None]
+    _state: _MapState
 
     def close(self) -> None:
         """Stop: cancel the calls this map queued that have not started."""
         self._batches.close()
+        self._state.close()  # (closing a generator not yet started runs none of it)
 
 
 def _handing_out(values: list[Any]) -> Iterator[Any]:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from .._errors import BrokenPool, PicklingFailed, UnpicklingFailed
 from . import _wire, _worker
 from ._base import Batch, NotRun
+from ._fnref import FnRef, fn_key, fn_ref, is_fn
 from ._lifecycle import Lifecycle
 from ._workers import Proc, WorkerSet
 
@@ -96,24 +97,31 @@ class FunctionCache:
     with the measured seconds per call of each."""
 
     def __init__(self) -> None:
-        # id(fn) -> (fn, its id on the wire, its pickle)
-        self._entries: collections.OrderedDict[int, tuple[Any, int, bytes]] = (
+        # fn_key(fn) -> (a weak reference to fn, its id on the wire, its pickle): the cache
+        # must not keep a function, or the object of a bound method, alive.
+        self._entries: collections.OrderedDict[Hashable, tuple[FnRef, int, bytes]] = (
             collections.OrderedDict()
         )
         self._ids = itertools.count()
         self._seconds: dict[int, float] = {}  # measured seconds per call, by wire id
 
+    def _entry(self, fn: Any) -> tuple[FnRef, int, bytes] | None:
+        entry = self._entries.get(fn_key(fn))
+        return entry if entry is not None and is_fn(entry[0], fn) else None
+
     def blob_for(self, proc: Proc, fn: Any) -> tuple[int, bytes | None]:
         """The id under which ``proc`` knows ``fn``, and its pickle if it does not yet."""
-        entry = self._entries.get(id(fn))
-        if entry is None or entry[0] is not fn:
-            entry = (fn, next(self._ids), _wire.dumps_function(fn))
-            self._entries[id(fn)] = entry
-            if len(self._entries) > FUNCTION_CACHE:
-                _, (_, old_id, _) = self._entries.popitem(last=False)
-                self._seconds.pop(old_id, None)
+        entry = self._entry(fn)
+        if entry is None:
+            ref = fn_ref(fn)
+            entry = (ref or _gone, next(self._ids), _wire.dumps_function(fn))
+            if ref is not None:  # (else it is pickled again for every job)
+                self._entries[fn_key(fn)] = entry
+                if len(self._entries) > FUNCTION_CACHE:
+                    _, (_, old_id, _) = self._entries.popitem(last=False)
+                    self._seconds.pop(old_id, None)
         else:
-            self._entries.move_to_end(id(fn))
+            self._entries.move_to_end(fn_key(fn))
         fn_id = entry[1]
         if fn_id in proc.known:
             return fn_id, None
@@ -125,19 +133,23 @@ class FunctionCache:
 
     def call_seconds(self, fn: Any) -> float | None:
         """The measured seconds per call of ``fn``, if known."""
-        entry = self._entries.get(id(fn))
+        entry = self._entry(fn)
         return None if entry is None else self._seconds.get(entry[1])
 
     def seconds_by_id(self, fn_id: int) -> float | None:
         return self._seconds.get(fn_id)
 
     def measure(self, batch: Batch, calls: int, elapsed: float) -> None:
-        entry = self._entries.get(id(batch.fn))
-        if entry is None or entry[0] is not batch.fn or not calls:
+        entry = self._entry(batch.fn)
+        if entry is None or not calls:
             return
         per_call = elapsed / calls
         old = self._seconds.get(entry[1])
         self._seconds[entry[1]] = per_call if old is None else 0.5 * (old + per_call)
+
+
+def _gone() -> None:
+    return None
 
 
 class Scheduling:

@@ -140,6 +140,7 @@ class _WakeHelper:
     stays among the future's callbacks, which offer no way to remove one)."""
 
     __slots__ = ("backend", "thread")
+    conveyor_internal = True  # (it runs no user code: see _base.has_user_callbacks)
 
     def __init__(self, backend: ProcessBackend) -> None:
         self.backend: ProcessBackend | None = backend
@@ -149,6 +150,17 @@ class _WakeHelper:
         backend = self.backend
         if backend is not None and threading.get_ident() != self.thread:
             backend._wake_from_outside()
+
+
+def _run_all(later: list[Callable[[], object]]) -> None:
+    """Run deferred user code (each piece ends a future, whose callbacks' errors the future
+    logs itself); every piece runs, even after Ctrl-C."""
+    try:
+        while later:
+            later.pop(0)()
+    finally:
+        if later:
+            _run_all(later)
 
 
 class ProcessBackend(Blame, Backend):
@@ -219,6 +231,8 @@ class ProcessBackend(Blame, Backend):
         self._parked = False  # the dispatcher thread waits without the role
         self._owner: int | None = None  # the thread that holds it
         self._helper_error: BaseException | None = None  # what stopped a helper's loop
+        # User code (done callbacks) that a helper runs once it has given the role back.
+        self._later: list[Callable[[], object]] = []
         # Owned by the holder of the role.
         self._cpus = ProcessBackend.default_workers()
         self._crew = WorkerSet(
@@ -387,8 +401,8 @@ class ProcessBackend(Blame, Backend):
         nearest = self._nearest_deadline()
         parking = False
         if until is not None:
-            if until.done() or _interrupts.interrupted():
-                return True
+            if until.done() or self._later or _interrupts.interrupted():
+                return True  # (what waits in _later may end ``until``: it runs next)
             if end is not None:
                 if time.monotonic() >= end:
                     return True
@@ -503,14 +517,25 @@ class ProcessBackend(Blame, Backend):
             return True
         return False
 
-    def _give_back(self) -> None:
+    def _give_back(self) -> list[Callable[[], object]]:
         """Let go of a role taken from the parked dispatcher thread; wake it if what is left
-        needs it awake."""
+        needs it awake. Returns the user code deferred meanwhile (see ``defer``), for the
+        caller to run now that it does not hold the role."""
         wake = self._helper_error is not None or not self._may_park()
+        later, self._later = self._later, []
         self._owner = None
         self._role.release()
         if wake:
             self._wake()
+        return later
+
+    def defer(self, work: Callable[[], object]) -> bool:
+        # A helper runs it once it has given the role back, on its own time; the dispatcher
+        # thread must not: the pool hands it to a thread of its own.
+        if self._owner != threading.get_ident() or threading.current_thread() is self._thread:
+            return False
+        self._later.append(work)
+        return True
 
     def _lend(self) -> None:
         """A thread that called ``submit`` while the dispatcher thread was parked sends the
@@ -519,6 +544,7 @@ class ProcessBackend(Blame, Backend):
             self._wake()
             return
         held = _interrupts.hold_interrupts(self._wake_w)
+        later: list[Callable[[], object]] = []
         try:
             if not self._take_role():
                 self._wake()
@@ -529,9 +555,12 @@ class ProcessBackend(Blame, Backend):
             except BaseException as exc:
                 self._helper_error = exc
             finally:
-                self._give_back()
+                later = self._give_back()
         finally:
-            _interrupts.release_interrupts(held)
+            try:
+                _interrupts.release_interrupts(held)
+            finally:
+                _run_all(later)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
@@ -541,6 +570,7 @@ class ProcessBackend(Blame, Backend):
         if not self._parked or not _interrupts.may_help_here():
             return
         held = _interrupts.hold_interrupts(self._wake_w)
+        later: list[Callable[[], object]] = []
         try:
             if not self._take_role():
                 return
@@ -569,9 +599,12 @@ class ProcessBackend(Blame, Backend):
                 for fd in busy:
                     if fd in by_fd:
                         park_set.modify(fd, select.EPOLLIN)
-                self._give_back()
+                later = self._give_back()
         finally:
-            _interrupts.release_interrupts(held)
+            try:
+                _interrupts.release_interrupts(held)
+            finally:
+                _run_all(later)
 
     # -- the end ------------------------------------------------------------------------------
 
