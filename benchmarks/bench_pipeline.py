@@ -7,8 +7,9 @@ several rounds) and one line per floor: ``FLOOR <name>: <measured> (<comparison>
 Cases:
 
 * io: 500 calls of ``time.sleep(0.02)`` through one stage of 50 workers; ideal 0.20 s.
-* trivial: ``x + 1`` then ``x * 2`` over 100,000 ints, one thread per stage; what is measured
-  is the cost of moving items between threads.
+* trivial: ``x + 1`` then ``x * 2`` over 100,000 ints, one thread per stage, each holding up
+  to 1000 items as the hand-written one does; what is measured is the cost of moving items
+  between threads.
 * error: how long after a call raises the consumer's loop gets the exception.
 * stop: how long ``close()`` takes after leaving a loop over an endless source.
 """
@@ -112,7 +113,12 @@ def _pypeln_io() -> int:
 
 
 def _conveyor_trivial() -> int:
-    pipeline = conveyor.Pipeline(range(TRIVIAL_ITEMS)).map(_add_one).map(_double)
+    # The same bound as the queue.Queue(1000) between the hand-written stages.
+    pipeline = (
+        conveyor.Pipeline(range(TRIVIAL_ITEMS))
+        .map(_add_one, buffer=1000)
+        .map(_double, buffer=1000)
+    )
     return sum(pipeline)
 
 

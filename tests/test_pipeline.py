@@ -19,7 +19,7 @@ import pytest
 
 import conveyor
 from conveyor import Failed, Pipeline, TaskTimeout
-from conveyor._pipeline import DEFAULT_BUFFER, _parse_rate
+from conveyor._pipeline import BUFFER_PER_WORKER, _parse_rate
 from conveyor._pipeline_stage import _Pacer
 
 WAIT = 30.0  # seconds any test waits for an event before it calls the wait a failure
@@ -158,6 +158,8 @@ def test_rates_must_be_positive_and_finite(rate: float) -> None:
         ({"timeout": -1}, ValueError, "timeout"),
         ({"retries": -1}, ValueError, "retries"),
         ({"buffersize": 0}, ValueError, "buffersize"),
+        ({"buffer": 0}, ValueError, "buffer"),
+        ({"buffer": "8"}, TypeError, "buffer"),
         ({"name": 3}, TypeError, "name"),
     ],
 )
@@ -306,8 +308,9 @@ def test_an_endless_source_is_pulled_only_as_room_frees() -> None:
     pulled = [0]
     buffersize = 8
     stages = 3
-    # Per stage: input buffer, taken chunk, pool window, batch being filled; plus the output.
-    bound = stages * (4 * buffersize + 2) + DEFAULT_BUFFER + 2
+    # Per stage: input buffer, taken chunk, pool window, batch being filled; plus the output
+    # buffer and the consumer's chunk of it, each no larger than the last stage's buffer.
+    bound = stages * (4 * buffersize + 2) + 2 * buffersize + 2
     consumed = 0
     most_ahead = 0
     p = Pipeline(_counting(itertools.count(), pulled))
@@ -323,11 +326,43 @@ def test_an_endless_source_is_pulled_only_as_room_frees() -> None:
     assert 0 < most_ahead <= bound
 
 
+def test_by_default_a_stage_reads_ahead_a_few_items_per_worker() -> None:
+    # An endless source, two trivial stages and a consumer that takes its time: the source
+    # is read ahead by a few items per worker, not by thousands.
+    pulled = [0]
+    workers = 2
+    buffer = BUFFER_PER_WORKER * workers
+    bound = 2 * (4 * buffer + 2) + 2 * buffer + 2
+    consumed = 0
+    most_ahead = 0
+    p = (
+        Pipeline(_counting(itertools.count(), pulled))
+        .map(lambda x: x + 1, workers=workers)
+        .map(lambda x: x * 2, workers=workers)
+    )
+    with p:
+        for value in p:
+            assert value == (consumed + 1) * 2
+            consumed += 1
+            most_ahead = max(most_ahead, pulled[0] - consumed)
+            sum(range(2_000))  # the consumer's own work on each item
+            if consumed == 3000:
+                break
+    assert 0 < most_ahead <= bound
+
+
+def test_buffer_has_an_older_name() -> None:
+    assert list(Pipeline(range(5)).map(abs, buffersize=2)) == list(range(5))
+    with pytest.raises(TypeError, match="not both"):
+        Pipeline(range(5)).map(abs, buffer=2, buffersize=2)
+
+
 def test_a_slow_consumer_holds_every_stage_back() -> None:
     overflow = threading.Event()
     pulled = [0]
-    # Two stages of input buffer, taken chunk, window and batch, and the output buffer.
-    bound = 2 * (4 * 4 + 2) + DEFAULT_BUFFER + 2
+    # Two stages of input buffer, taken chunk, window and batch, the output buffer and the
+    # consumer's chunk of it.
+    bound = 2 * (4 * 4 + 2) + 2 * 4 + 2
 
     def source() -> Iterator[int]:
         for n in range(100_000):

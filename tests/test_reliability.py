@@ -23,6 +23,23 @@ import conveyor
 BACKENDS = ["thread", "process"]
 
 
+def _watch(obj: object) -> threading.Event:
+    """An event set once ``obj`` is freed."""
+    freed = threading.Event()
+    _watched.append(weakref.ref(obj, lambda _: freed.set()))
+    return freed
+
+
+_watched: list[weakref.ref[Any]] = []
+
+
+def _freed(event: threading.Event) -> bool:
+    """Whether the object ``event`` watches is freed: at once, or once another thread lets go
+    of it (a worker or dispatcher thread may still be leaving the function that handled it)."""
+    gc.collect()
+    return event.wait(WAIT)
+
+
 def _ends_within(action: Callable[[], object], timeout: float = WAIT) -> bool:
     """Run ``action`` on a thread of its own; whether it returned within ``timeout``."""
     done = threading.Event()
@@ -105,9 +122,7 @@ def test_a_map_batch_cancelled_by_leaving_early_and_then_broken_counts_once() ->
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pending_counts_calls_not_started(
-    backend: str, started: Channel, release: Channel
-) -> None:
+def test_pending_counts_calls_not_started(backend: str, started: Channel, release: Channel) -> None:
     with conveyor.Pool(backend, 1) as pool:
         args = [(started.path, release.path, i == 0) for i in range(10)]
         # One batch of ten calls, on the only worker: none waits for a worker.
@@ -135,33 +150,30 @@ def _maybe_block_star(args: tuple[str, str, bool]) -> int:
 def test_a_map_keeps_no_reference_to_results_it_handed_out(backend: str) -> None:
     with conveyor.Pool(backend, 2) as pool:
         for obj in pool.map(funcs.make_dummy, range(50)):
-            ref = weakref.ref(obj)
+            freed = _watch(obj)
             del obj
-            gc.collect()
-            assert ref() is None
+            assert _freed(freed)
 
 
 @pytest.mark.parametrize("executor", ["ThreadPoolExecutor", "ProcessPoolExecutor"])
 def test_a_drop_in_map_keeps_no_reference_to_results_it_handed_out(executor: str) -> None:
     with getattr(conveyor, executor)(max_workers=2) as pool:
         for obj in pool.map(funcs.make_dummy, range(10)):
-            ref = weakref.ref(obj)
+            freed = _watch(obj)
             del obj
-            gc.collect()
-            assert ref() is None
+            assert _freed(freed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_pool_keeps_no_reference_to_a_finished_calls_function(backend: str) -> None:
     with conveyor.Pool(backend, 2) as pool:
         obj = funcs.Dummy()
-        ref = weakref.ref(obj)
+        freed = _watch(obj)
         future = pool.submit(obj.method, 1)
         assert future.result(WAIT) == 2
         assert list(pool.map(obj.method, range(100))) == list(range(1, 101))
         del obj
-        gc.collect()
-        assert ref() is None  # while the pool and the future live on
+        assert _freed(freed)  # while the pool and the future live on
         assert future.result(0) == 2
 
 
@@ -171,14 +183,13 @@ def test_the_pool_keeps_no_reference_to_a_finished_calls_arguments_or_result(
 ) -> None:
     with conveyor.Pool(backend, 2) as pool:
         arg = funcs.Dummy()
-        arg_ref = weakref.ref(arg)
+        arg_freed = _watch(arg)
         future = pool.submit(funcs.identity, arg)
         result = future.result(WAIT)
-        result_ref = weakref.ref(result)
+        result_freed = _watch(result)
         del arg, result, future
-        gc.collect()
-        assert arg_ref() is None
-        assert result_ref() is None
+        assert _freed(arg_freed)
+        assert _freed(result_freed)
 
 
 # -- user code does not stall the pool -----------------------------------------------------

@@ -365,17 +365,17 @@ class Ledger:
                     not_run.append(index)
                 else:
                     batch.errors[index] = self._never_ran(again=False)
-            elif (
-                can_rerun
-                and batch.attempt <= self._retries
-                and isinstance(error, self._retry_on)
-            ):
+            elif can_rerun and batch.attempt <= self._retries and isinstance(error, self._retry_on):
                 retry.append(index)
         reruns = []
         for indexes, attempt in ((not_run, batch.attempt), (retry, batch.attempt + 1)):
             if indexes:
                 child = Batch(
-                    self, root.fn, [batch.args[i] for i in indexes], root.kwargs, root.timeout,
+                    self,
+                    root.fn,
+                    [batch.args[i] for i in indexes],
+                    root.kwargs,
+                    root.timeout,
                     root.star,
                 )
                 child.parent = root

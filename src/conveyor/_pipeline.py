@@ -33,11 +33,11 @@ __all__ = ["Failed", "Pipeline", "PipelineSummary", "StageStatistics"]
 T = TypeVar("T")
 U = TypeVar("U")
 
-#: Items a stage holds in its input buffer and in its pool's window, unless told otherwise.
-#: Measured: trivial thread stages move items 1.7x faster than with 256 (larger batches, so
-#: fewer hand-offs between threads); a stage starved of input spends ~1 ms of CPU per item
-#: padding its window (see ``_pipeline_stage``), about 1.5x what 256 costs.
-DEFAULT_BUFFER = 1024
+#: Items per worker a stage holds in its input queue, and again in its pool's window, unless
+#: told otherwise (``buffer``): few, so that large items do not fill the memory. Trivial
+#: functions run faster with larger buffers (measured: 1024 items move trivial thread stages
+#: 6x faster than 16), which the caller asks for with ``buffer=``.
+BUFFER_PER_WORKER = 4
 
 _RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(s|min|h)\s*")
 _SECONDS = {"s": 1.0, "min": 60.0, "h": 3600.0}
@@ -149,7 +149,7 @@ class Pipeline(Generic[T]):
         self._specs: list[StageSpec] = []
         self._started = False
         self._closed = False
-        self._run: _Run | None = None
+        self._run: _PipelineRun | None = None
 
     # -- building -----------------------------------------------------------------------------
 
@@ -163,8 +163,9 @@ class Pipeline(Generic[T]):
         rate: float | str | None = None,
         timeout: float | None = None,
         retries: int = 0,
-        buffersize: int | None = None,
+        buffer: int | None = None,
         name: str | None = None,
+        buffersize: int | None = None,
     ) -> Pipeline[U]:
         """Add a stage that passes on ``fn(item)`` for each item.
 
@@ -174,16 +175,21 @@ class Pipeline(Generic[T]):
             workers: how many calls of this stage run at once.
             backend: ``"thread"`` or ``"process"``, as for ``conveyor.Pool``.
             ordered: True: results in input order, through a reorder window no larger than
-                ``buffersize``; False: in the order they complete.
+                ``buffer``; False: in the order they complete.
             rate: the most calls this stage starts per unit of time, shared by its workers:
                 a number per second or ``"N/s"``, ``"N/min"``, ``"N/h"``. Items are handed to
                 the workers evenly spaced (``"5/s"``: one each 0.2 s), with no burst after
-                idle time; with the default ``buffersize`` each starts as it is handed over.
+                idle time; with the default ``buffer`` each starts as it is handed over.
             timeout: seconds each call may run before it fails with ``TaskTimeout``.
             retries: how many more times a failing call is run (at least once, maybe more).
-            buffersize: the most items the stage holds in its input buffer, and again in
-                its pool's window (default ``max(1024, 4 * workers)``; with ``rate``:
-                ``workers``, so that every item handed over starts at once).
+            buffer: how many items the stage may hold, and so how far it reads ahead of a
+                slower consumer: at most ``buffer`` items wait in its input queue, and at most
+                ``buffer`` more are in its workers' hands (being run, or finished and waiting
+                to be passed on in order); its batches are never larger. Default: 4 per
+                worker (with ``rate``: 1 per worker, so that every item handed over starts at
+                once). Trivial functions run faster with more (say 1000: fewer hand-offs
+                between threads); large items (pages, images) need less memory with fewer.
+                ``buffersize`` is its older name.
             name: the stage's name in statistics and ``Failed`` records (default
                 ``"<index>:<function name>"``).
 
@@ -195,7 +201,17 @@ class Pipeline(Generic[T]):
         return cast(
             "Pipeline[U]",
             self._add(
-                "map", fn, workers, backend, ordered, rate, timeout, retries, buffersize, name
+                "map",
+                fn,
+                workers,
+                backend,
+                ordered,
+                rate,
+                timeout,
+                retries,
+                buffer,
+                name,
+                buffersize,
             ),
         )
 
@@ -209,8 +225,9 @@ class Pipeline(Generic[T]):
         rate: float | str | None = None,
         timeout: float | None = None,
         retries: int = 0,
-        buffersize: int | None = None,
+        buffer: int | None = None,
         name: str | None = None,
+        buffersize: int | None = None,
     ) -> Pipeline[U]:
         """Add a stage that passes on every item of the iterable ``fn(item)`` returns.
 
@@ -233,8 +250,9 @@ class Pipeline(Generic[T]):
                 rate,
                 timeout,
                 retries,
-                buffersize,
+                buffer,
                 name,
+                buffersize,
             ),
         )
 
@@ -248,8 +266,9 @@ class Pipeline(Generic[T]):
         rate: float | str | None = None,
         timeout: float | None = None,
         retries: int = 0,
-        buffersize: int | None = None,
+        buffer: int | None = None,
         name: str | None = None,
+        buffersize: int | None = None,
     ) -> Pipeline[T]:
         """Add a stage that passes on the items for which ``fn(item)`` is true.
 
@@ -261,7 +280,17 @@ class Pipeline(Generic[T]):
             [1, 3]
         """
         return self._add(
-            "filter", fn, workers, backend, ordered, rate, timeout, retries, buffersize, name
+            "filter",
+            fn,
+            workers,
+            backend,
+            ordered,
+            rate,
+            timeout,
+            retries,
+            buffer,
+            name,
+            buffersize,
         )
 
     def each(
@@ -274,8 +303,9 @@ class Pipeline(Generic[T]):
         rate: float | str | None = None,
         timeout: float | None = None,
         retries: int = 0,
-        buffersize: int | None = None,
+        buffer: int | None = None,
         name: str | None = None,
+        buffersize: int | None = None,
     ) -> Pipeline[T]:
         """Add a stage that calls ``fn(item)`` for its side effects and passes the item on.
 
@@ -290,7 +320,7 @@ class Pipeline(Generic[T]):
             [1, 2]
         """
         return self._add(
-            "each", fn, workers, backend, ordered, rate, timeout, retries, buffersize, name
+            "each", fn, workers, backend, ordered, rate, timeout, retries, buffer, name, buffersize
         )
 
     def _add(
@@ -303,8 +333,9 @@ class Pipeline(Generic[T]):
         rate: float | str | None,
         timeout: float | None,
         retries: int,
-        buffersize: int | None,
+        buffer: int | None,
         name: str | None,
+        buffersize: int | None = None,
     ) -> Pipeline[T]:
         if self._started or self._closed:
             raise RuntimeError("cannot add a stage to a Pipeline that has started or closed")
@@ -316,11 +347,16 @@ class Pipeline(Generic[T]):
         per_second = _parse_rate(rate)
         check_timeout("timeout", timeout)
         check_count("retries", retries, 0, allow_none=False)
-        check_count("buffersize", buffersize, 1)
+        if buffersize is not None:
+            if buffer is not None:
+                raise TypeError("give buffer= or its older name buffersize=, not both")
+            check_count("buffersize", buffersize, 1)
+            buffer = buffersize
+        check_count("buffer", buffer, 1)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string or None, got {name!r}")
-        if buffersize is None:
-            buffersize = workers if per_second is not None else max(DEFAULT_BUFFER, 4 * workers)
+        if buffer is None:
+            buffer = workers if per_second is not None else BUFFER_PER_WORKER * workers
         index = len(self._specs)
         label = getattr(fn, "__name__", type(fn).__name__)
         self._specs.append(
@@ -334,7 +370,7 @@ class Pipeline(Generic[T]):
                 per_second=per_second,
                 timeout=timeout,
                 retries=retries,
-                buffersize=buffersize,
+                buffer=buffer,
             )
         )
         return self
@@ -350,7 +386,7 @@ class Pipeline(Generic[T]):
                 "build a new one to run again"
             )
         self._started = True
-        run = _Run(self._source, self._specs, self._collect)
+        run = _PipelineRun(self._source, self._specs, self._collect)
         self._run = run
         results = _results(run)
         # A generator that never started runs no ``finally`` when it is collected; this does.
@@ -430,7 +466,7 @@ def _with_progress(results: Iterator[Any], progress: Progress) -> Iterator[Any]:
             close()
 
 
-def _results(run: _Run) -> Iterator[Any]:
+def _results(run: _PipelineRun) -> Iterator[Any]:
     try:
         while chunk := run.next_chunk():
             yield from chunk
@@ -440,7 +476,7 @@ def _results(run: _Run) -> Iterator[Any]:
         raise run.source_error
 
 
-class _Run:
+class _PipelineRun:
     """One run of a pipeline: its buffers, stage threads and source thread.
 
     ``stopped`` is set once, by the first error or by the consumer leaving; from then on
@@ -455,8 +491,9 @@ class _Run:
         self.ended = False
         self.error: BaseException | None = None
         self.source_error: BaseException | None = None
-        inboxes = [Buffer(spec.buffersize) for spec in specs]
-        self._output = Buffer(DEFAULT_BUFFER)
+        inboxes = [Buffer(spec.buffer) for spec in specs]
+        # The consumer's side holds no more than the last stage may.
+        self._output = Buffer(specs[-1].buffer if specs else 64)
         self._buffers = [*inboxes, self._output]
         self._stages = [
             Stage(spec, inbox, outbox, collect, self.fail)
@@ -509,7 +546,7 @@ class _Run:
 
     def next_chunk(self) -> list[Any]:
         """The next items for the consumer; ``[]`` at the end. Raises the run's error."""
-        chunk = self._output.take(DEFAULT_BUFFER)
+        chunk = self._output.take(self._output.capacity)
         if chunk:
             return chunk
         if self.error is not None:

@@ -189,7 +189,7 @@ class StageSpec:
     per_second: float | None
     timeout: float | None
     retries: int
-    buffersize: int
+    buffer: int
 
 
 # -- the buffer between two stages ------------------------------------------------------------
@@ -375,7 +375,7 @@ class Stage:
                 self._inputs(),
                 ordered=spec.ordered,
                 chunksize=chunksize,
-                buffersize=spec.buffersize,
+                buffersize=spec.buffer,
                 observer=self,
             )
             take_rest = itertools.islice
@@ -446,7 +446,7 @@ class Stage:
 
     def _inputs(self) -> Iterator[Any]:
         """The input of the stage's map (pulled on the stage's thread, inside the map)."""
-        inbox, limit = self._inbox, self.spec.buffersize
+        inbox, limit = self._inbox, self.spec.buffer
         paced, screen = self._pacer is not None, self._collect
         while True:
             # Wait LINGER for more input once after the last input came, not before each pad.
