@@ -19,7 +19,8 @@ from ._errors import (
 from ._executors import ProcessPoolExecutor, ThreadPoolExecutor
 from ._pipeline import Failed, Pipeline, PipelineSummary
 from ._pipeline_stage import StageStatistics
-from ._pool import AsyncResult, Pool, PoolStatistics
+from ._pool import Pool, PoolStatistics
+from ._results import AsyncResult
 
 __all__ = [
     "AsyncResult",

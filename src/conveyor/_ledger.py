@@ -115,15 +115,15 @@ class _Callbacks:
         self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._idle = 0
+        self._free = 0  # threads waiting for work
         self._stopped = False
 
     def run(self, work: Callable[[], object]) -> None:
         with self._lock:
             if self._stopped:
                 start = False
-            elif self._idle:
-                self._idle -= 1
+            elif self._free:
+                self._free -= 1
                 start = False
             else:
                 start = True
@@ -159,7 +159,7 @@ class _Callbacks:
             work()
             del work
             with self._lock:
-                self._idle += 1
+                self._free += 1
 
 
 def _end(future: Future[Any], outcome: Any, failed: bool) -> None:
@@ -199,7 +199,7 @@ class Ledger:
         # while user code runs.
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # a max_pending place was freed
-        self._idle = threading.Condition(self._lock)  # no accepted batch is left
+        self._emptied = threading.Condition(self._lock)  # no accepted batch is left
         self.shut = False  # takes no new batch
         self.cancelling = False  # shut down with cancel_futures, or terminated: no reruns
         self.broken: BrokenPool | None = None
@@ -265,7 +265,7 @@ class Ledger:
         self._counts.cancelled += len(batch)
         self._active -= 1
         if not self._active:
-            self._idle.notify_all()
+            self._emptied.notify_all()
 
     # -- the backend's events (through Batch.begin / Batch.finish) ---------------------------
 
@@ -318,7 +318,7 @@ class Ledger:
                 self._active -= 1
                 idle = not self._active
                 if idle:
-                    self._idle.notify_all()
+                    self._emptied.notify_all()
         backend = self.backend
         assert backend is not None
         for child in reruns:
@@ -502,7 +502,7 @@ class Ledger:
         """Block until every accepted batch is DONE or CANCELLED."""
         with self._lock:
             while self._active:
-                self._idle.wait()
+                self._emptied.wait()
 
     def close_callbacks(self, wait: bool) -> None:
         """Stop the callback thread once what it holds is done."""

@@ -84,7 +84,7 @@ class ThreadBackend(Backend):
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         # A token per free worker, put by the worker and taken by submit() to learn that an
         # existing thread will pick the batch up, so no new thread is needed.
-        self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._free_tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
         # Guards _workers, _stopping and every worker's deadline/abandoned pair.
         self._lock = threading.Lock()
         self._workers: set[_Worker] = set()
@@ -104,7 +104,7 @@ class ThreadBackend(Backend):
         # is started after the batch is queued, so that it finds the batch at once instead of
         # blocking on the empty queue and being woken again (each wake-up is a GIL hand-off).
         try:
-            self._idle.get_nowait()
+            self._free_tokens.get_nowait()
             spawn = False
         except queue.Empty:
             spawn = True
@@ -183,7 +183,7 @@ class ThreadBackend(Backend):
             worker.thread = thread
         if replacement:
             # Nothing is queued for a replacement: it is free as soon as it starts.
-            self._idle.put(None)
+            self._free_tokens.put(None)
         try:
             thread.start()
         except BaseException:
@@ -219,10 +219,10 @@ class ThreadBackend(Backend):
                     elif not self._run_watched(worker, batch):
                         return  # abandoned: the watchdog reported this batch already
                     worker.batch = None
-                    self._idle.put(None)
+                    self._free_tokens.put(None)
                     batch.finish()
                 else:
-                    self._idle.put(None)
+                    self._free_tokens.put(None)
                 del batch
         finally:
             with self._lock:
