@@ -111,25 +111,30 @@ class InitializerFailed(BrokenPool):
     """
 
 
-class PicklingFailed(pickle.PicklingError):
+class PicklingFailed(pickle.PicklingError, BrokenProcessPool):
     """A call's function, arguments or result could not be pickled.
 
-    Only that call fails. The original error is the ``__cause__``.
+    Only that call fails and the pool goes on. Where the stdlib's process pool breaks (and
+    raises ``BrokenProcessPool``), this error is both, so either ``except`` catches it. The
+    original error is the ``__cause__``.
 
     Example:
         >>> import conveyor, pickle
-        >>> issubclass(conveyor.PicklingFailed, pickle.PicklingError)
+        >>> from concurrent.futures.process import BrokenProcessPool
+        >>> issubclass(conveyor.PicklingFailed, (pickle.PicklingError, BrokenProcessPool))
         True
     """
 
 
-class UnpicklingFailed(pickle.UnpicklingError):
+class UnpicklingFailed(pickle.UnpicklingError, BrokenProcessPool):
     """A call's function, arguments or result could not be unpickled on the other side.
 
-    Only that call fails. The original error is the ``__cause__`` when it could be carried.
+    Only that call fails and the pool goes on; like ``PicklingFailed`` it is also a
+    ``BrokenProcessPool``. The original error is the ``__cause__`` when it could be carried.
 
     Example:
         >>> import conveyor, pickle
-        >>> issubclass(conveyor.UnpicklingFailed, pickle.UnpicklingError)
+        >>> from concurrent.futures.process import BrokenProcessPool
+        >>> issubclass(conveyor.UnpicklingFailed, (pickle.UnpicklingError, BrokenProcessPool))
         True
     """

@@ -51,6 +51,19 @@ __all__ = ["CANCELLED", "DONE", "QUEUED", "RUNNING", "CallCosts", "Counts", "Led
 
 QUEUED, RUNNING, CANCELLED, DONE = 0, 1, 2, 3
 
+# Once the interpreter starts to exit, no pool takes new work (as the stdlib's executors do):
+# its threads and workers are being stopped. ``threading._register_atexit`` runs before the
+# ``atexit`` hooks, where a late submit would otherwise reach a backend already stopped.
+_exiting = False
+
+
+def _interpreter_exits() -> None:
+    global _exiting
+    _exiting = True
+
+
+getattr(threading, "_register_atexit", lambda fn: None)(_interpreter_exits)
+
 
 class Counts:
     """The ledger's counters, read together under its lock (see ``Ledger.counts``)."""
@@ -249,6 +262,8 @@ class Ledger:
             raise self.broken
         if self.shut:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _leave_queue(self, batch: Batch) -> None:
         """``batch`` leaves QUEUED (lock held)."""

@@ -37,6 +37,7 @@ __all__ = [
     "Batch",
     "NotRun",
     "has_user_callbacks",
+    "log_initializer_failure",
     "offer_help",
     "plain",
     "waits_for_itself",
@@ -182,6 +183,14 @@ def plain(future: Future[Any]) -> None:
     alive in a cycle."""
     future.__dict__.pop("result", None)
     future.__dict__.pop("exception", None)
+
+
+def log_initializer_failure() -> None:
+    """Log the exception being handled, a worker's failing initializer, where the stdlib's
+    executors log it: at CRITICAL on the ``concurrent.futures`` logger (in the worker)."""
+    import logging
+
+    logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
 
 
 def has_user_callbacks(future: Future[Any]) -> bool:

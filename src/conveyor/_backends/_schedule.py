@@ -215,11 +215,13 @@ class Scheduling:
         wait for others to finish starting (the stdlib's executor does the same)."""
         live = self._crew.live()
         missing = self.workers - len(live)
-        if missing <= 0 or self._life.stopping:
+        if missing <= 0 or self._life.killing:
             return
+        # (Stopping, too: the work accepted before shutdown runs, even on a pool whose workers
+        # had not started yet, as when the interpreter exits right after a submit.)
         waiting = len(self._jobs) + len(self._inbox) - sum(1 for p in live if not p.jobs)
         for _ in range(min(missing, waiting)):
-            self._crew.spawn()
+            self._crew.spawn(for_work=True)
 
     def _is_trivial(self, job: Job, fn_id: int) -> bool:
         """Whether ``job`` may run in the worker's fast loop: many calls, each measured to

@@ -223,6 +223,9 @@ def main(
             initializer, initargs = _wire.loads(init_blob)
             initializer(*initargs)
         except BaseException as exc:
+            from ._base import log_initializer_failure
+
+            log_initializer_failure()
             send(_wire.dumps((INIT_FAILED, pack_error(exc))))
             return
     send(_wire.dumps((READY, os.getpid())))

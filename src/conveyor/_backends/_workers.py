@@ -107,7 +107,8 @@ class WorkerSet:
 
     Args:
         context: the multiprocessing context workers start from.
-        life: the pool's flags; no worker starts once it is stopping or broken.
+        life: the pool's flags; no worker starts once it is broken or killing, and once it is
+            stopping only for work that waits.
         size: how many workers may run calls at once (spares come on top).
         init_blob: the pickled initializer and its arguments, if any.
         may_spin: whether idle workers may wait for work awake (see ``_worker``).
@@ -174,8 +175,11 @@ class WorkerSet:
 
     # -- starting -----------------------------------------------------------------------------
 
-    def spawn(self, spare: bool = False) -> None:
-        if self._life.broken or self._life.stopping:
+    def spawn(self, spare: bool = False, for_work: bool = False) -> None:
+        """Start a worker; ``for_work``: work waits for it, which a pool that is stopping
+        still runs (only spares and replacements are not started then)."""
+        life = self._life
+        if life.broken or life.killing or (life.stopping and not for_work):
             return
         parent_end, child_end = self.context.Pipe(duplex=True)
         name = f"conveyor-worker-{next(self._names)}"

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import TaskTimeout
-from ._base import Backend, Batch, NotRun
+from ._base import Backend, Batch, NotRun, log_initializer_failure
 
 __all__ = ["ThreadBackend"]
 
@@ -198,6 +198,7 @@ class ThreadBackend(Backend):
                 try:
                     self._initializer(*self._initargs)
                 except BaseException as exc:
+                    log_initializer_failure()
                     # Refuse new batches before the pool takes back the queued ones, so
                     # that none slips in between and waits for a worker that never comes.
                     with self._lock:
