@@ -40,7 +40,10 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._worker import Init
 
 __all__ = ["ForkedProcess", "Forker", "available", "wait_exited"]
 
@@ -138,12 +141,12 @@ class Forker:
     """The pool's side of its forker: started on the first ``fork``, again if it dies."""
 
     def __init__(
-        self, context: BaseContext, lifeline: Connection, init_blob: bytes | None, spin: bool
+        self, context: BaseContext, lifeline: Connection, init: Init | None, spin: bool
     ) -> None:
         self._context = context
         self._spin = spin
         self._lifeline = lifeline
-        self._init_blob = init_blob
+        self._init = init
         self._process: Any = None
         self._control: socket.socket | None = None
         self._quitting = False
@@ -218,7 +221,7 @@ class Forker:
             context: Any = self._context
             process = context.Process(
                 target=serve,
-                args=(theirs, self._lifeline, self._init_blob, self._spin),
+                args=(theirs, self._lifeline, self._init, self._spin),
                 name="conveyor-forker",
                 daemon=False,
             )
@@ -278,7 +281,7 @@ class Forker:
 
 
 def serve(
-    control: socket.socket, lifeline: Connection, init_blob: bytes | None, spin: bool
+    control: socket.socket, lifeline: Connection, init: Init | None, spin: bool
 ) -> None:
     """The forker's loop: fork a worker per request, report each one's pid and exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -317,7 +320,7 @@ def serve(
                         fds,
                         lifeline,
                         die_with_forker,
-                        init_blob,
+                        init,
                         spin,
                         control,
                         (wake_r, wake_w),
@@ -418,7 +421,7 @@ def _fork(
     fds: list[int],
     lifeline: Connection,
     die_with_forker: Callable[[], bool] | None,
-    init_blob: bytes | None,
+    init: Init | None,
     spin: bool,
     control: socket.socket,
     wake: tuple[int, int],
@@ -444,7 +447,7 @@ def _fork(
             if os.getppid() != forker:
                 os._exit(70)  # the forker died before we asked
             watch = None
-        return _run_worker(name, fds[0], fds[1], watch, init_blob, spin)
+        return _run_worker(name, fds[0], fds[1], watch, init, spin)
 
     from . import _worker
 
@@ -456,7 +459,7 @@ def _run_worker(
     conn_fd: int,
     mark_fd: int,
     lifeline: Connection | None,
-    init_blob: bytes | None,
+    init: Init | None,
     spin: bool,
 ) -> int:
     """In a newly forked worker: become a ``multiprocessing`` child named ``name``, then run
@@ -473,7 +476,7 @@ def _run_worker(
     os.close(mark_fd)
     conn = Connection(conn_fd)
     try:
-        _worker.main(conn, lifeline, mark, init_blob, (), spin)
+        _worker.main(conn, lifeline, mark, init, (), spin)
     finally:
         util._exit_function()  # type: ignore[attr-defined]
     return 0

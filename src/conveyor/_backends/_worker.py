@@ -40,6 +40,11 @@ READY = 10  # (READY, pid)
 RESULTS = 11  # (RESULTS, first, errors, finished, elapsed, values): values last, see _wire
 UNREADABLE = 12  # (UNREADABLE, error): the job could not be unpickled
 INIT_FAILED = 13  # (INIT_FAILED, error)
+
+#: A pool's initializer, pickled as a function (by value if need be), and its arguments as
+#: they are: they travel as a new process's arguments (or are inherited), where objects that
+#: may only be inherited, such as a ``multiprocessing.Queue``, may travel.
+Init = tuple[bytes, tuple[Any, ...]]
 KEPT = 14  # (KEPT, names): the job's segments still in use here (see _wire.Segments)
 
 FLUSH_SECONDS = 0.001
@@ -199,7 +204,7 @@ def main(
     conn: Connection,
     lifeline: Connection | None,
     mark: Any,
-    init_blob: bytes | None,
+    init: Init | None,
     close_fds: tuple[int, ...],
     spin: bool = False,
 ) -> None:
@@ -218,9 +223,10 @@ def main(
         watcher.start()
     mark = memoryview(mark).cast("B").cast("q")  # faster to write than the ctypes array
     send = conn.send_bytes
-    if init_blob is not None:
+    if init is not None:
         try:
-            initializer, initargs = _wire.loads(init_blob)
+            initializer_blob, initargs = init
+            initializer = _wire.loads(initializer_blob)
             initializer(*initargs)
         except BaseException as exc:
             from ._base import log_initializer_failure

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import _forker, _worker
 from ._forker import ForkedProcess, Forker
 from ._lifecycle import Lifecycle
+from ._worker import Init
 
 if TYPE_CHECKING:
     from ._schedule import Job
@@ -110,7 +111,7 @@ class WorkerSet:
         life: the pool's flags; no worker starts once it is broken or killing, and once it is
             stopping only for work that waits.
         size: how many workers may run calls at once (spares come on top).
-        init_blob: the pickled initializer and its arguments, if any.
+        init: the initializer and its arguments, if any (see ``_worker.Init``).
         may_spin: whether idle workers may wait for work awake (see ``_worker``).
         inherited_fds: the pool-side descriptors, of every pool in this process, that a
             worker started with ``fork`` must close.
@@ -121,14 +122,14 @@ class WorkerSet:
         context: BaseContext,
         life: Lifecycle,
         size: int,
-        init_blob: bytes | None,
+        init: Init | None,
         may_spin: bool,
         inherited_fds: Callable[[], list[int]],
     ) -> None:
         self.context = context
         self._life = life
         self.size = size
-        self._init_blob = init_blob
+        self._init = init
         self._may_spin = may_spin
         self._inherited_fds = inherited_fds
         self.procs: list[Proc] = []
@@ -147,7 +148,7 @@ class WorkerSet:
         as the dispatcher starts."""
         self.lifeline_r, self.lifeline_w = self.context.Pipe(duplex=False)
         if _forker.available(self.context):
-            self.forker = Forker(self.context, self.lifeline_r, self._init_blob, self._may_spin)
+            self.forker = Forker(self.context, self.lifeline_r, self._init, self._may_spin)
         self.poller = select.poll()
         self.poller.register(wake_r, select.POLLIN)
         if hasattr(select, "epoll"):  # else the dispatcher thread never parks
@@ -207,7 +208,7 @@ class WorkerSet:
                 child_end,
                 self.lifeline_r,
                 mark,
-                self._init_blob,
+                self._init,
                 close_fds,
                 self._may_spin,
             ),

@@ -113,6 +113,7 @@ from ._forker import ForkedProcess
 from ._lifecycle import Lifecycle
 from ._schedule import SPIN_SECONDS, FunctionCache, Job
 from ._start import default_context, preload_worker
+from ._worker import Init
 from ._workers import KILL_GRACE, Proc, WorkerSet
 
 __all__ = ["ProcessBackend", "default_context"]
@@ -163,6 +164,12 @@ def _run_all(later: list[Callable[[], object]]) -> None:
             _run_all(later)
 
 
+def _initializer_unpicklable(error: BaseException) -> PicklingFailed:
+    return PicklingFailed(
+        f"initializer and initargs must be picklable for the process backend: {error}"
+    )
+
+
 class ProcessBackend(Blame, Backend):
     name = "process"
     can_kill = True
@@ -209,14 +216,18 @@ class ProcessBackend(Blame, Backend):
             )
         preload_worker(context)
         self._max_tasks = max_tasks_per_worker
-        init_blob: bytes | None = None
+        init: Init | None = None
         if initializer is not None:
             try:
-                init_blob = _wire.dumps((initializer, initargs))
+                init = (_wire.dumps_function(initializer), initargs)
+                _wire.forget_files(_wire.files_of(_wire.dumps(initargs)))
+            except RuntimeError as exc:
+                if init is None:
+                    raise _initializer_unpicklable(exc) from exc
+                # An object that may only be inherited (a multiprocessing.Queue): it will be,
+                # as the argument of a new process.
             except Exception as exc:
-                raise PicklingFailed(
-                    f"initializer and initargs must be picklable for the process backend: {exc}"
-                ) from exc
+                raise _initializer_unpicklable(exc) from exc
         # Shared with other threads (see the module's doc).
         self._life = Lifecycle()
         self._inbox: collections.deque[Batch] = collections.deque()
@@ -239,7 +250,7 @@ class ProcessBackend(Blame, Backend):
             context,
             self._life,
             workers,
-            init_blob,
+            init,
             may_spin=workers <= self._cpus,  # only when each can have a CPU of its own
             inherited_fds=_fds_of_every_pool,
         )
