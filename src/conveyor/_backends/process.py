@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import os
 import select
 import signal
@@ -109,9 +110,10 @@ from .._errors import BrokenPool, PicklingFailed
 from . import _interrupts, _wire
 from ._base import Backend, Batch, NotRun, waits_for_itself
 from ._blame import Blame
+from ._completer import Completer
 from ._forker import ForkedProcess
 from ._lifecycle import Lifecycle
-from ._schedule import SPIN_SECONDS, FunctionCache, Job
+from ._schedule import SPIN_SECONDS, Broken, Ended, FunctionCache, Job, end_all
 from ._start import default_context, preload_worker
 from ._workers import KILL_GRACE, Proc, WorkerSet
 
@@ -150,17 +152,6 @@ class _WakeHelper:
         backend = self.backend
         if backend is not None and threading.get_ident() != self.thread:
             backend._wake_from_outside()
-
-
-def _run_all(later: list[Callable[[], object]]) -> None:
-    """Run deferred user code (each piece ends a future, whose callbacks' errors the future
-    logs itself); every piece runs, even after Ctrl-C."""
-    try:
-        while later:
-            later.pop(0)()
-    finally:
-        if later:
-            _run_all(later)
 
 
 class ProcessBackend(Blame, Backend):
@@ -231,8 +222,10 @@ class ProcessBackend(Blame, Backend):
         self._parked = False  # the dispatcher thread waits without the role
         self._owner: int | None = None  # the thread that holds it
         self._helper_error: BaseException | None = None  # what stopped a helper's loop
-        # User code (done callbacks) that a helper runs once it has given the role back.
-        self._later: list[Callable[[], object]] = []
+        # Ended batches, to be finished once the role is let go of (see _give_back).
+        self._ended: list[Ended] = []
+        # Where the dispatcher thread has them finished: never on itself.
+        self._completer = Completer("conveyor-process-completer")
         # Owned by the holder of the role.
         self._cpus = ProcessBackend.default_workers()
         self._crew = WorkerSet(
@@ -300,6 +293,7 @@ class ProcessBackend(Blame, Backend):
                 and self._owner != threading.get_ident()
             ):
                 thread.join()
+                self._completer.join()  # (stopped by the dispatcher thread as it exited)
         _live.discard(self)
 
     def busy(self) -> int:
@@ -383,13 +377,18 @@ class ProcessBackend(Blame, Backend):
             try:
                 self._finish_all()
             finally:
+                ended, self._ended = self._ended, []
                 self._owner = None  # (a later thread may be given this one's ident)
                 self._role.release()
+                try:
+                    self._hand_over(ended)
+                finally:
+                    self._completer.stop()
 
     def _fail_pool(self, error: BrokenPool) -> None:
         with self._life.lock:
             self._life.broken = True
-        self._on_broken(error)
+        self._ended.append(Broken(self._on_broken, error))
 
     def _serve_once(self, until: Future[Any] | None = None, end: float | None = None) -> bool:
         """One round of the dispatcher; True when it is time to exit. A helper passes the
@@ -398,11 +397,17 @@ class ProcessBackend(Blame, Backend):
         life = self._life
         if life.stopping and self._quiet():
             return True
+        if self._ended:
+            if until is not None:
+                return True  # (one of them may be ``until``'s batch: see help)
+            # Before waiting: nothing that has ended may wait for the next event.
+            ended, self._ended = self._ended, []
+            self._hand_over(ended)
         nearest = self._nearest_deadline()
         parking = False
         if until is not None:
-            if until.done() or self._later or _interrupts.interrupted():
-                return True  # (what waits in _later may end ``until``: it runs next)
+            if until.done() or _interrupts.interrupted():
+                return True
             if end is not None:
                 if time.monotonic() >= end:
                     return True
@@ -455,7 +460,7 @@ class ProcessBackend(Blame, Backend):
         if life.killing or life.broken:
             # Nothing will run any more: end every call that waits.
             for batch in self.drain():
-                batch.reject()
+                self._reject(batch)
             while self._jobs:
                 self._fail_job(self._jobs.popleft(), lambda: NotRun(final=True))
         self._enforce_deadlines()
@@ -517,25 +522,47 @@ class ProcessBackend(Blame, Backend):
             return True
         return False
 
-    def _give_back(self) -> list[Callable[[], object]]:
+    def _give_back(self) -> list[Ended]:
         """Let go of a role taken from the parked dispatcher thread; wake it if what is left
-        needs it awake. Returns the user code deferred meanwhile (see ``defer``), for the
-        caller to run now that it does not hold the role."""
+        needs it awake. Returns the batches that ended meanwhile, for the caller to end now
+        that it does not hold the role (see ``_hand_over`` and ``_end_after_help``)."""
         wake = self._helper_error is not None or not self._may_park()
-        later, self._later = self._later, []
+        ended, self._ended = self._ended, []
         self._owner = None
         self._role.release()
         if wake:
             self._wake()
-        return later
+        return ended
 
-    def defer(self, work: Callable[[], object]) -> bool:
-        # A helper runs it once it has given the role back, on its own time; the dispatcher
-        # thread must not: the pool hands it to a thread of its own.
-        if self._owner != threading.get_ident() or threading.current_thread() is self._thread:
-            return False
-        self._later.append(work)
-        return True
+    def _hand_over(self, ended: list[Ended]) -> None:
+        """Have the completer end ``ended``, each batch on its own so that none waits behind
+        another; a notice that the pool broke goes with everything after it, in order (the
+        calls failed after it must fail with its error). Empties ``ended``: the caller's
+        frame may live on (a parked dispatcher's), and must not keep a batch alive."""
+        for at, item in enumerate(ended):
+            if isinstance(item, Broken):
+                self._completer.run(functools.partial(end_all, ended[at:]))
+                break
+            self._completer.run(item.end)
+        ended.clear()
+
+    def _end_after_help(self, ended: list[Ended], future: Future[Any]) -> None:
+        """End, on this thread, the batch of ``future`` (for which it waits); hand the
+        others over, so that none of them waits for this one's done callbacks."""
+        own: list[Ended] = []
+        rest: list[Ended] = []
+        for at, item in enumerate(ended):
+            if isinstance(item, Broken):
+                rest += ended[at:]
+                break
+            batch = item.batch
+            root = batch if batch.parent is None else batch.parent
+            (own if root.future is future else rest).append(item)
+        ended.clear()
+        try:
+            self._hand_over(rest)
+        finally:
+            end_all(own)
 
     def _lend(self) -> None:
         """A thread that called ``submit`` while the dispatcher thread was parked sends the
@@ -544,7 +571,7 @@ class ProcessBackend(Blame, Backend):
             self._wake()
             return
         held = _interrupts.hold_interrupts(self._wake_w)
-        later: list[Callable[[], object]] = []
+        ended: list[Ended] = []
         try:
             if not self._take_role():
                 self._wake()
@@ -555,25 +582,34 @@ class ProcessBackend(Blame, Backend):
             except BaseException as exc:
                 self._helper_error = exc
             finally:
-                later = self._give_back()
+                ended = self._give_back()
         finally:
             try:
                 _interrupts.release_interrupts(held)
             finally:
-                _run_all(later)
+                self._hand_over(ended)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
         if the dispatcher thread is parked."""
         if self.runs_loop_here():
             raise waits_for_itself("waiting for a call's future")
-        if not self._parked or not _interrupts.may_help_here():
-            return
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._parked and not future.done() and _interrupts.may_help_here():
+            if not self._help_once(future, end):
+                return
+            if end is not None and time.monotonic() >= end:
+                return
+
+    def _help_once(self, future: Future[Any], end: float | None) -> bool:
+        """Hold the role until ``future``'s batch, or another, has ended, then end them
+        (see ``_end_after_help``); True if it may help again (only others had ended)."""
         held = _interrupts.hold_interrupts(self._wake_w)
-        later: list[Callable[[], object]] = []
+        ended: list[Ended] = []
+        again = False
         try:
             if not self._take_role():
-                return
+                return False
             park_set = self._crew.park_set
             by_fd = self._crew.by_fd
             busy: list[int] = []
@@ -587,24 +623,26 @@ class ProcessBackend(Blame, Backend):
                     busy = [p.fd for p in self._crew.procs if p.jobs and p.fd in by_fd]
                     for fd in busy:
                         park_set.modify(fd, 0)
-                    end = None if timeout is None else time.monotonic() + timeout
                     while not self._serve_once(future, end):
                         pass
+                    again = bool(self._ended)
             except BaseException as exc:
                 # The dispatcher's state may be half-updated: the dispatcher thread ends
                 # the pool with this error, as it would end it with its own.
                 self._helper_error = exc
+                again = False
             finally:
                 waker.backend = None
                 for fd in busy:
                     if fd in by_fd:
                         park_set.modify(fd, select.EPOLLIN)
-                later = self._give_back()
+                ended = self._give_back()
         finally:
             try:
                 _interrupts.release_interrupts(held)
             finally:
-                _run_all(later)
+                self._end_after_help(ended, future)
+        return again
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -632,4 +670,4 @@ class ProcessBackend(Blame, Backend):
             self._close_pipes()
             late = self.drain()
         for batch in late:
-            batch.reject()
+            self._reject(batch)
