@@ -11,13 +11,27 @@ Data flow::
           job = calls of one batch --pipe--> worker process (_worker.main)
           outcomes <--pipe-- (per job, or per FLUSH_SECONDS of work)
                               |
-                      batch.finish() --> Pool
+                      reads each message's head, keeps the pickled outcomes; a batch
+                      whose calls all have one goes on the ended list (_ended)
+                              |
+                      the role let go of: a helper ends its own future's batch, the
+                      completer the others: unpickle outcomes, batch.finish() --> Pool
 
 The rooms: this module holds ``ProcessBackend`` and the dispatcher role (who runs the loop);
 ``_schedule`` assigns jobs to workers and speaks the wire; ``_blame`` decides what a fault
 means for which call; ``_workers`` keeps the worker set; ``_start`` the start method;
 ``_interrupts`` defers Ctrl-C while the main thread holds the role; ``_lifecycle`` holds the
-flags every thread reads.
+flags every thread reads; ``_completer`` the threads that end batches.
+
+The holder of the role never runs user code: no result is unpickled under it (a result's
+``__setstate__`` could take its time, or never return), no batch finished (done callbacks,
+map sinks), ``Pool`` not told that the pool broke (it ends what it holds). What ends while
+the role is held goes on ``_ended`` (``_schedule.BatchRun``, ``_schedule.Broken``), and is
+ended by the thread that lets go of the role, once it has: a helper ends the batch of the
+future it waits for itself, which keeps a call's round trip free of thread hand-offs, and
+hands the others to the completer (``_hand_over``); the dispatcher thread hands all of them
+over, before it waits for the next event. A slow unpickling or callback then delays only its
+own call, never a deadline, a crash check or another call.
 
 The dispatcher role
 -------------------
@@ -54,8 +68,10 @@ round trip). A helper that leaves work running wakes the dispatcher thread to ta
     +---------------------------------------+ |
     | HELD by a helper thread               |-+
     | _lend: one _assign();                 |
-    | help: _serve_once until its future is |
-    | done, or its timeout, or Ctrl-C       |
+    | help: _serve_once until a batch has   |
+    | ended (its own, or another: it comes  |
+    | back for its own), or its timeout,    |
+    | or Ctrl-C                             |
     +---------------------------------------+
         |  meanwhile, an event in the park set: the dispatcher thread stops parking
         |  (_parked = False) and blocks on _role.acquire(): it is next, no helper
@@ -64,9 +80,9 @@ round trip). A helper that leaves work running wakes the dispatcher thread to ta
 
 While it helps, a helper takes its own worker's pipe out of the park set (so that the parked
 thread does not wake for the answer the helper waits for) and handles every other event itself.
-Every way its future can end wakes a helper: on its own thread it sees the future done after
-the round that ended it; on another thread (``cancel()``, ``shutdown(cancel_futures=True)``)
-a done callback (``_WakeHelper``) writes the wakeup pipe.
+Every way its future can end wakes a helper: on its own thread it sees its batch on
+``_ended`` after the round that ended it; on another thread (``cancel()``,
+``shutdown(cancel_futures=True)``) a done callback (``_WakeHelper``) writes the wakeup pipe.
 An exception in a helper's rounds is kept in ``_helper_error``: the dispatcher thread, woken,
 ends the pool with it as it would with its own.
 
@@ -81,12 +97,14 @@ Threads and state
   (see ``_lifecycle`` for who reads them without it, and why that is safe).
 * The wakeup pipe: any thread writes it; ``_wake_sent`` saves repeated writes, and may race
   with the role holder's draining, which at worst leaves one extra byte in the pipe.
+* ``_completer``: ``run`` by whoever has let go of the role, ``stop`` by the dispatcher
+  thread as it exits, ``join`` by ``shutdown(wait=True)`` (see ``_completer``).
 * ``_owner`` and ``_helper_error`` are written by the role holder only; ``_parked`` by the
   dispatcher thread only. Other threads read ``_parked`` as a hint and check it again once
   they hold the role; ``_owner`` is only compared with the reader's own ident, which only
   the reader could have written.
-* Everything else (``_crew``, ``_jobs``, ``_functions``, ``_segments``) belongs to the holder
-  of the role.
+* Everything else (``_crew``, ``_jobs``, ``_functions``, ``_segments``, ``_ended``) belongs
+  to the holder of the role.
 """
 
 from __future__ import annotations
@@ -285,8 +303,9 @@ class ProcessBackend(Blame, Backend):
                 self._close_pipes()
         if thread is not None:
             self._wake()
-            # The dispatcher, or a thread running its loop (a callback of a future it ended
-            # calls shutdown), would wait for itself.
+            # The holder of the role would wait for itself (it runs no user code, so only
+            # the backend's own code could ask). A done callback on a completer thread may
+            # ask: ``Completer.join`` leaves out the thread it runs on.
             if (
                 wait
                 and thread is not threading.current_thread()
@@ -307,6 +326,7 @@ class ProcessBackend(Blame, Backend):
 
     def runs_loop_here(self) -> bool:
         # (Only the holder sets _owner to its own ident, and clears it before letting go.)
+        # Never true where user code runs: it runs once the role is let go of.
         return self._owner == threading.get_ident()
 
     # -- internals: starting and waking -------------------------------------------------------
