@@ -82,9 +82,10 @@ class BatchRun:
         for placed, blob in results:
             _place(batch, placed, blob)
         del results
-        for index, packed in self.unread:
-            batch.fail(index, unreadable_arguments(_worker.unpack_error(packed)))
-        self.unread = []
+        if self.unread:
+            for index, packed in self.unread:
+                batch.fail(index, unreadable_arguments(_worker.unpack_error(packed)))
+            self.unread = []
         batch.finish()
 
 

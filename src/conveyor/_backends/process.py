@@ -579,6 +579,9 @@ class ProcessBackend(Blame, Backend):
             root = batch if batch.parent is None else batch.parent
             (own if root.future is future else rest).append(item)
         ended.clear()
+        if not rest:  # (a call's round trip: only its own batch)
+            end_all(own)
+            return
         try:
             self._hand_over(rest)
         finally:
@@ -607,7 +610,8 @@ class ProcessBackend(Blame, Backend):
             try:
                 _interrupts.release_interrupts(held)
             finally:
-                self._hand_over(ended)
+                if ended:
+                    self._hand_over(ended)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
