@@ -357,6 +357,29 @@ def raise_base_exception_on(x: int, bad: int, kind: str) -> int:
     return x
 
 
+def _build_when_released(started: str, release: str, value: Any) -> Any:
+    """Rebuild a ``SlowToUnpickle``: tell the test, then wait until it releases us."""
+    tell(started, "unpickling")
+    if not await_release(release):
+        raise AssertionError("the test never released this unpickling")
+    return value
+
+
+class SlowToUnpickle:
+    """Pickles at once; whoever unpickles it (the pool, for a result) tells the test and
+    waits to be released, then gets ``value``."""
+
+    def __init__(self, started: str, release: str, value: Any) -> None:
+        self.args = (started, release, value)
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[str, str, Any]]:
+        return (_build_when_released, self.args)
+
+
+def slow_to_unpickle(started: str, release: str, value: Any) -> SlowToUnpickle:
+    return SlowToUnpickle(started, release, value)
+
+
 # -- initializers ---------------------------------------------------------------------------
 
 _initialized: list[str] = []

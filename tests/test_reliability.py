@@ -216,3 +216,50 @@ def test_a_slow_done_callback_does_not_stall_the_process_pool(
         assert pool.submit(funcs.double, 21).result(WAIT) == 42
         other_done.set()
     assert callback_saw == [True]
+
+
+def test_a_result_slow_to_unpickle_does_not_stall_the_process_pool(
+    started: Channel, release: Channel
+) -> None:
+    # The dispatcher thread reads the result (cf.wait runs none of the pool's loop): its
+    # unpickling must hold up neither another call nor a deadline.
+    with conveyor.Pool("process", 2, timeout=3.0) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2  # a worker is ready
+        try:
+            slow = pool.submit(funcs.slow_to_unpickle, started.path, release.path, "slow")
+            assert started.read_line() == "unpickling"
+            other = pool.submit(funcs.double, 21)
+            hung = pool.submit(funcs.never_returns)
+            done, _ = cf.wait([other, hung], WAIT)
+            assert done == {other, hung}
+            assert other.result(0) == 42
+            assert isinstance(hung.exception(0), conveyor.TaskTimeout)
+            assert not slow.done()  # its unpickling still waits for us
+        finally:
+            release.release()
+        assert slow.result(WAIT) == "slow"
+
+
+def test_a_result_slow_to_unpickle_delays_only_the_thread_that_waits_for_it(
+    started: Channel, release: Channel
+) -> None:
+    # The thread that waits for the result reads it itself (the dispatcher thread is
+    # parked): it unpickles it once it has let go of the pool's loop.
+    with conveyor.Pool("process", 2) as pool:
+        assert pool.submit(funcs.double, 1).result(WAIT) == 2  # a worker is ready
+        outcome: list[Any] = []
+
+        def wait_for_slow() -> None:
+            future = pool.submit(funcs.slow_to_unpickle, started.path, release.path, "slow")
+            outcome.append(future.result(WAIT))
+
+        waiter = threading.Thread(target=wait_for_slow, name="waiter")
+        waiter.start()
+        try:
+            assert started.read_line() == "unpickling"
+            assert pool.submit(funcs.double, 21).result(WAIT) == 42
+            assert not outcome
+        finally:
+            release.release()
+            waiter.join(WAIT)
+        assert outcome == ["slow"]

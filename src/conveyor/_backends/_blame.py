@@ -12,8 +12,10 @@ Faults stay local:
   one call per job to find the culprit, which fails with ``UnpicklingFailed``
   (``Blame._unreadable_job``). A result or exception that cannot be unpickled in the pool
   fails its own call with ``UnpicklingFailed``: the other outcomes sent with it are taken
-  apart from it (see ``_wire.loads_salvaging``); when even that fails, the job's open calls
-  fail and its worker is replaced (``Blame._unreadable_results``).
+  apart from it (see ``_wire.loads_salvaging``); when even that fails, every call of its
+  message fails (``_schedule.BatchRun.end``, outside the dispatcher role). A message of the
+  worker's own that cannot be read fails the job's open calls and replaces the worker
+  (``Blame._unreadable_results``).
 * Workers that die before they are ready, ``FAILED_STARTS`` times in a row, break the pool.
 
 Threads: like ``_schedule``, whose second layer this is, all of it runs on the holder of the
@@ -25,7 +27,7 @@ from __future__ import annotations
 import signal
 import time
 
-from .._errors import BrokenPool, TaskTimeout, UnpicklingFailed, WorkerCrashed
+from .._errors import BrokenPool, TaskTimeout, WorkerCrashed
 from . import _wire
 from ._base import NotRun
 from ._forker import ForkedProcess
@@ -57,26 +59,20 @@ class Blame(Scheduling):
             self._jobs.appendleft(Job(job.run, good))
         self._close_job(job)
 
-    def _unreadable_job(self, job: Job, error: BaseException) -> None:
-        """The worker could not unpickle the job: find which call's arguments are to blame."""
-        if len(job.indexes) - job.received > 1:
-            for index in reversed(job.indexes[job.received :]):
+    def _unreadable_job(self, job: Job, error: tuple[bytes, str]) -> None:
+        """The worker could not unpickle the job (``error``, as it packed it): find which
+        call's arguments are to blame."""
+        open_indexes = job.indexes[job.received :]
+        if len(open_indexes) > 1:
+            for index in reversed(open_indexes):
                 self._jobs.appendleft(Job(job.run, [index]))
-            self._close_job(job)
-            return
-
-        def failure() -> BaseException:
-            problem = UnpicklingFailed(
-                f"the worker could not unpickle the call's function or arguments: "
-                f"{type(error).__name__}: {error}"
-            )
-            problem.__cause__ = error
-            return problem
-
-        self._fail_job(job, failure)
+        else:
+            # It fails with the worker's error, unpickled with the batch's outcomes.
+            job.run.unread += [(index, error) for index in open_indexes]
+        self._close_job(job)
 
     def _unreadable_results(self, proc: Proc, error: BaseException) -> None:
-        """We could not unpickle what the worker sent, not even value by value: its job's
+        """We could not unpickle a message of the worker's own (not a result): its job's
         open calls fail."""
         if not proc.jobs:
             return

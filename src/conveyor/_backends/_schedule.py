@@ -2,13 +2,19 @@
 them (the function cache, sending a job, reading and acting on what a worker sends back).
 
 A batch from ``Pool`` becomes a ``BatchRun``; it is sent as one ``Job`` or, after a crash or
-a split, as several. Every worker runs one job and, when jobs are measured to be short, has one
+a split, as several. What workers send back is read in two steps: here, under the dispatcher
+role, only the head of each RESULTS message (which calls it is about, whether the job is
+finished, how long it ran: see ``_worker.RESULTS_HEADER``), and the rest is kept on the run;
+once the run has ended, it goes to the role's ``_ended`` list, and ``BatchRun.end`` unpickles
+the outcomes and finishes the batch outside the role (see ``process``), since unpickling a
+result runs its code. Every worker runs one job and, when jobs are measured to be short, has one
 more waiting in its pipe (pipelining). Calls measured to take microseconds run in the worker's
 fast loop, unmarked (see ``_worker``).
 
 Threads: everything here is owned by whoever holds the dispatcher role (see ``process``). The
 only state shared with other threads is the inbox (a deque, whose operations are atomic) and
-the pool's ``Lifecycle`` flags (see ``_lifecycle``).
+the pool's ``Lifecycle`` flags (see ``_lifecycle``). Nothing here runs user code: no result
+is unpickled, no batch finished (``BatchRun.end`` and ``Broken.end`` run outside the role).
 
 ``Scheduling`` is the first layer of ``ProcessBackend``'s dispatcher code: ``_blame.Blame``
 builds on it (what a fault means for which call), and ``process.ProcessBackend`` on that (the
@@ -30,7 +36,7 @@ from ._fnref import FnRef, fn_key, fn_ref, is_fn
 from ._lifecycle import Lifecycle
 from ._workers import Proc, WorkerSet
 
-__all__ = ["BatchRun", "FunctionCache", "Job", "Scheduling"]
+__all__ = ["BatchRun", "Broken", "Ended", "FunctionCache", "Job", "Scheduling", "end_all"]
 
 #: A job expected to run less than this may wait in a worker's pipe behind another...
 PIPELINE_SECONDS = 0.002
@@ -50,16 +56,91 @@ FUNCTION_CACHE = 256
 
 _RUN = bytes([_worker.RUN])
 _FORGET = bytes([_worker.FORGET])
+_HEADER = _worker.RESULTS_HEADER
 
 
 class BatchRun:
-    """A batch being run, possibly as several jobs (after a crash or a split)."""
+    """A batch being run, possibly as several jobs (after a crash or a split), and the
+    outcomes its workers sent, still pickled: they are read once the batch has ended
+    (``end``), outside the dispatcher role."""
 
-    __slots__ = ("batch", "open_jobs")
+    __slots__ = ("batch", "open_jobs", "results", "unread")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self.open_jobs = 0
+        # (batch positions, the pickle of (errors, values) a worker sent for them)
+        self.results: list[tuple[range | list[int], memoryview]] = []
+        # (batch position, why the worker could not unpickle the call: see pack_error)
+        self.unread: list[tuple[int, tuple[bytes, str]]] = []
+
+    def end(self) -> None:
+        """Put the outcomes in the batch and finish it. Runs user code (unpickling results
+        and exceptions, then the batch's done callbacks or sink): never under the role."""
+        batch = self.batch
+        results, self.results = self.results, []
+        for placed, blob in results:
+            _place(batch, placed, blob)
+        del results
+        if self.unread:
+            for index, packed in self.unread:
+                batch.fail(index, unreadable_arguments(_worker.unpack_error(packed)))
+            self.unread = []
+        batch.finish()
+
+
+def _place(batch: Batch, placed: range | list[int], blob: memoryview) -> None:
+    """Unpickle a worker's outcomes for calls ``placed`` into ``batch``; a value that cannot
+    be unpickled fails its own call (see ``_wire.loads_salvaging``), and if nothing can be,
+    every call of the message fails."""
+    try:
+        (errors, values), lost = _wire.loads_salvaging(blob)
+    except BaseException as exc:
+        for index in placed:
+            batch.fail(index, unreadable_result(exc))
+        return
+    if isinstance(placed, range):
+        batch.values[placed.start : placed.stop] = values
+    else:
+        for place, value in zip(placed, values, strict=True):
+            batch.values[place] = value
+    for offset, packed in errors.items():
+        batch.fail(placed[offset], _worker.unpack_error(packed))
+    if lost:
+        for offset, problem in lost.items():
+            batch.fail(placed[offset], unreadable_result(problem))
+
+
+class Broken:
+    """An entry of the ``_ended`` list: the pool cannot run calls any more. Telling ``Pool``
+    ends what it holds (done callbacks run), so it is told outside the role, and before the
+    calls failed after it end: they are to fail with its error."""
+
+    __slots__ = ("cause", "tell")
+
+    def __init__(
+        self, tell: Callable[[BaseException], None], cause: BaseException | tuple[bytes, str]
+    ) -> None:
+        self.tell = tell
+        self.cause = cause  # an error, or one a worker packed (see _worker.pack_error)
+
+    def end(self) -> None:
+        cause = self.cause
+        self.tell(cause if isinstance(cause, BaseException) else _worker.unpack_error(cause))
+
+
+#: What the holder of the role leaves for others to end once it has let go of it.
+Ended = BatchRun | Broken
+
+
+def end_all(ended: list[Ended]) -> None:
+    """End each of ``ended`` in order, every one even if one raises (Ctrl-C)."""
+    try:
+        while ended:
+            ended.pop(0).end()
+    finally:
+        if ended:
+            end_all(ended)
 
 
 class Job:
@@ -160,6 +241,7 @@ class Scheduling:
     _life: Lifecycle
     _inbox: collections.deque[Batch]
     _jobs: collections.deque[Job]  # reruns, ahead of the inbox
+    _ended: list[Ended]  # to end once the role is let go of, in this order
     _crew: WorkerSet
     _functions: FunctionCache
     _segments: _wire.Segments  # where jobs' large buffers travel
@@ -171,7 +253,7 @@ class Scheduling:
     def _split_unpicklable(self, job: Job) -> None:
         raise NotImplementedError
 
-    def _unreadable_job(self, job: Job, error: BaseException) -> None:
+    def _unreadable_job(self, job: Job, error: tuple[bytes, str]) -> None:
         raise NotImplementedError
 
     def _unreadable_results(self, proc: Proc, error: BaseException) -> None:
@@ -366,65 +448,37 @@ class Scheduling:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
                 return False
-            try:
-                message, lost = _wire.loads_salvaging(data)
-            except BaseException as exc:
-                self._unreadable_results(proc, exc)
-            else:
-                self._handle(proc, message, lost)
+            self._handle(proc, data)
             if not proc.pending.poll(0):
                 return True
 
-    def _handle(
-        self, proc: Proc, message: tuple[Any, ...], lost: dict[int, BaseException] | None
-    ) -> None:
-        """Act on a message; ``lost``: the values in it that could not be unpickled."""
-        kind = message[0]
-        if lost and kind != _worker.RESULTS:
-            self._unreadable_results(proc, next(iter(lost.values())))
+    def _handle(self, proc: Proc, data: bytes) -> None:
+        """Act on a message. Only a RESULTS message holds user objects: its head is read
+        here, the rest once its batch has ended (see the module's doc)."""
+        if data[0] == _worker.RESULTS:
+            self._results(proc, data)
             return
-        if kind == _worker.RESULTS:
-            _, first, errors, finished, elapsed, values = message
-            if not proc.jobs:
-                return  # the job was given up at its deadline
-            job = proc.jobs[0]
-            batch = job.run.batch
-            placed = job.indexes[first : first + len(values)]
-            if isinstance(placed, range):
-                batch.values[placed.start : placed.stop] = values
-            else:
-                for place, value in zip(placed, values, strict=True):
-                    batch.values[place] = value
-            for offset, packed in errors.items():
-                batch.fail(placed[offset], _worker.unpack_error(packed))
-            if lost:
-                for offset, problem in lost.items():
-                    batch.fail(placed[offset], unreadable_result(problem))
-            job.received = first + len(values)
-            if finished:
-                # ``elapsed`` counts from the job's start: only the last report is its total.
-                batch.elapsed += elapsed
-                self._functions.measure(batch, len(job.indexes), elapsed)
-                proc.jobs.popleft()
-                self._close_job(job)
-                if proc.jobs and proc.jobs[0].run.batch.timeout is not None:
-                    proc.jobs[0].deadline = time.monotonic() + proc.jobs[0].run.batch.timeout
-                if self._max_tasks is not None and proc.done >= self._max_tasks and not proc.jobs:
-                    self._crew.retire(proc)
-        elif kind == _worker.UNREADABLE:
+        try:
+            # The other messages hold the pool's own objects: kinds, names and exceptions
+            # pickled on their own (see _worker.pack_error), which stay pickled here.
+            message = _wire.loads(data)
+        except Exception as exc:
+            self._unreadable_results(proc, exc)
+            return
+        kind = message[0]
+        if kind == _worker.UNREADABLE:
             # The worker may have lost a function it was sent with that job: send again.
             proc.known.clear()
             if proc.jobs:
-                self._unreadable_job(proc.jobs.popleft(), _worker.unpack_error(message[1]))
+                self._unreadable_job(proc.jobs.popleft(), message[1])
         elif kind == _worker.KEPT:
             # A call kept a reference to its argument: its segment is its own from now on.
             self._segments.discard(message[1])
         elif kind == _worker.INIT_FAILED:
-            error = _worker.unpack_error(message[1])
             with self._life.lock:
                 self._life.broken = True
             proc.leaving = True
-            self._on_broken(error)
+            self._ended.append(Broken(self._on_broken, message[1]))
             while proc.jobs:
                 self._fail_job(proc.jobs.popleft(), NotRun)
         elif kind == _worker.READY:
@@ -433,6 +487,31 @@ class Scheduling:
             head = proc.jobs[0] if proc.jobs else None
             if head is not None and head.run.batch.timeout is not None and head.deadline is None:
                 head.deadline = time.monotonic() + head.run.batch.timeout
+
+    def _results(self, proc: Proc, data: bytes) -> None:
+        """Outcomes of ``proc``'s oldest job: its bookkeeping moves on, and the outcomes are
+        kept, still pickled, for ``BatchRun.end``."""
+        _, first, count, finished, elapsed = _HEADER.unpack_from(data)
+        blob = memoryview(data)[_HEADER.size :]
+        if not proc.jobs:
+            # The job was given up at its deadline: nobody reads these.
+            _wire.forget_files(_wire.files_of(blob))
+            return
+        job = proc.jobs[0]
+        if count:
+            job.run.results.append((job.indexes[first : first + count], blob))
+        job.received = first + count
+        if finished:
+            # ``elapsed`` counts from the job's start: only the last report is its total.
+            batch = job.run.batch
+            batch.elapsed += elapsed
+            self._functions.measure(batch, len(job.indexes), elapsed)
+            proc.jobs.popleft()
+            self._close_job(job)
+            if proc.jobs and proc.jobs[0].run.batch.timeout is not None:
+                proc.jobs[0].deadline = time.monotonic() + proc.jobs[0].run.batch.timeout
+            if self._max_tasks is not None and proc.done >= self._max_tasks and not proc.jobs:
+                self._crew.retire(proc)
 
     # -- ending jobs --------------------------------------------------------------------------
 
@@ -448,7 +527,14 @@ class Scheduling:
         run = job.run
         run.open_jobs -= 1
         if run.open_jobs == 0:
-            run.batch.finish()
+            self._ended.append(run)
+
+    def _reject(self, batch: Batch) -> None:
+        """``batch.reject()``, ended outside the role like any other batch."""
+        if batch.begin():
+            for index in range(len(batch)):
+                batch.fail(index, NotRun(final=True))
+            self._ended.append(BatchRun(batch))
 
     def _requeue(self, job: Job) -> None:
         """Run the open calls of ``job`` elsewhere, ahead of new work."""
@@ -469,6 +555,15 @@ class Scheduling:
 def unreadable_result(error: BaseException) -> UnpicklingFailed:
     problem = UnpicklingFailed(
         f"the call's result could not be unpickled in the pool: {type(error).__name__}: {error}"
+    )
+    problem.__cause__ = error
+    return problem
+
+
+def unreadable_arguments(error: BaseException) -> UnpicklingFailed:
+    problem = UnpicklingFailed(
+        "the worker could not unpickle the call's function or arguments: "
+        f"{type(error).__name__}: {error}"
     )
     problem.__cause__ = error
     return problem

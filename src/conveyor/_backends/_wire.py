@@ -79,11 +79,11 @@ def dumps_function(fn: Any) -> bytes:
     return _INBAND + by_value
 
 
-def dumps(obj: Any, segments: Segments | None = None) -> bytes:
+def dumps(obj: Any, segments: Segments | None = None, header: bytes = b"") -> bytes:
     """Pickle ``obj`` into one message; raises what pickle and cloudpickle both raise.
 
     With ``segments``, large buffers are written into them; the names used are in
-    ``segments.last``."""
+    ``segments.last``. ``header`` goes in front of the message (copied once with it)."""
     big: list[pickle.PickleBuffer] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -111,7 +111,7 @@ def dumps(obj: Any, segments: Segments | None = None) -> bytes:
         big.clear()
         data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
     if not big:
-        return _INBAND + data
+        return b"".join((header, _INBAND, data))
     files: list[tuple[str, int]] = []
     if segments is not None:
         try:
@@ -121,15 +121,15 @@ def dumps(obj: Any, segments: Segments | None = None) -> bytes:
             segments.release([name for name, _ in files])
         else:
             segments.last = [name for name, _ in files]
-            return _SEGMENTS + pickle.dumps((files, data), protocol=5)
+            return header + _SEGMENTS + pickle.dumps((files, data), protocol=5)
         files = []
     try:
         for buffer in big:
             files.append(_write_file(buffer.raw()))
     except OSError:
         forget_files(name for name, _ in files)
-        return _INBAND + pickle.dumps(obj, protocol=5)
-    return _OUTBAND + pickle.dumps((files, data), protocol=5)
+        return b"".join((header, _INBAND, pickle.dumps(obj, protocol=5)))
+    return header + _OUTBAND + pickle.dumps((files, data), protocol=5)
 
 
 class _Pickler(pickle.Pickler):
@@ -596,7 +596,7 @@ def _drop(name: str, mapping: mmap.mmap) -> None:
         pass  # a memoryview of it lives on: the mapping goes with it
 
 
-def files_of(message: bytes) -> list[str]:
+def files_of(message: bytes | memoryview) -> list[str]:
     """The shared-memory files a message refers to (to unlink if it is never received);
     not the sender's segments."""
     if message[:1] != _OUTBAND:

@@ -21,6 +21,7 @@ import json
 import os
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -35,9 +36,11 @@ from . import _wire
 RUN = 0  # RUN + (fn_id, fn_blob | None, star, kwargs | None, fast, args)
 STOP = 1  # STOP
 FORGET = 2  # FORGET: drop cached functions
-# Messages, worker -> pool; each is about the oldest job not finished yet.
+# Messages, worker -> pool; each is about the oldest job not finished yet. Each is a pickle
+# (a ``_wire`` message, whose first byte is below 10) of a tuple whose first item is its kind,
+# except RESULTS, which starts with its own byte (see ``RESULTS_HEADER``).
 READY = 10  # (READY, pid)
-RESULTS = 11  # (RESULTS, first, errors, finished, elapsed, values): values last, see _wire
+RESULTS = 11  # RESULTS_HEADER, then the _wire message of (errors, values)
 UNREADABLE = 12  # (UNREADABLE, error): the job could not be unpickled
 INIT_FAILED = 13  # (INIT_FAILED, error)
 
@@ -46,6 +49,14 @@ INIT_FAILED = 13  # (INIT_FAILED, error)
 #: may only be inherited, such as a ``multiprocessing.Queue``, may travel.
 Init = tuple[bytes, tuple[Any, ...]]
 KEPT = 14  # (KEPT, names): the job's segments still in use here (see _wire.Segments)
+
+#: The head of a RESULTS message: its kind (RESULTS), the job index of its first value, how
+#: many values it holds, whether the job has finished, and the seconds since the job started.
+#: The pool reads it without unpickling anything, so that the thread that owns the workers
+#: never runs user code (a result's ``__setstate__`` or ``__reduce__``): the pickle that
+#: follows, of ``(errors, values)``, is read outside (see ``process``). ``errors`` maps a
+#: value's position in the message to its exception, pickled on its own (``pack_error``).
+RESULTS_HEADER = struct.Struct("<BqI?d")
 
 FLUSH_SECONDS = 0.001
 #: A worker whose last job came within this many seconds of the one before waits for the next
@@ -454,32 +465,31 @@ def _pack_results(
     finished: bool,
     elapsed: float,
 ) -> bytes:
+    header = RESULTS_HEADER.pack(RESULTS, first, len(values), finished, elapsed)
     try:
-        data = _wire.dumps(
-            (RESULTS, first, errors, finished, elapsed, _wire.wrap_big_bytes(values))
-        )
+        return _wire.dumps((errors, _wire.wrap_big_bytes(values)), header=header)
     except BaseException:
-        # Find the results that cannot travel and fail their calls instead.
-        from .._errors import PicklingFailed
+        pass
+    # Find the results that cannot travel and fail their calls instead.
+    from .._errors import PicklingFailed
 
-        for index, value in enumerate(values):
-            if index in errors:
-                continue
-            try:
-                _wire.dumps(value)
-            except BaseException as problem:
-                values[index] = None
-                failure = PicklingFailed(
-                    f"the call's result {type(value).__qualname__} cannot be pickled back "
-                    f"to the pool: {type(problem).__name__}: {problem}"
-                )
-                # Its remote traceback is that of the pickling error, in this worker.
-                text = "".join(
-                    traceback.format_exception(type(problem), problem, problem.__traceback__)
-                )
-                errors[index] = (_wire.dumps(failure), text)
-        data = _wire.dumps((RESULTS, first, errors, finished, elapsed, values))
-    return data
+    for index, value in enumerate(values):
+        if index in errors:
+            continue
+        try:
+            _wire.dumps(value)
+        except BaseException as problem:
+            values[index] = None
+            failure = PicklingFailed(
+                f"the call's result {type(value).__qualname__} cannot be pickled back "
+                f"to the pool: {type(problem).__name__}: {problem}"
+            )
+            # Its remote traceback is that of the pickling error, in this worker.
+            text = "".join(
+                traceback.format_exception(type(problem), problem, problem.__traceback__)
+            )
+            errors[index] = (_wire.dumps(failure), text)
+    return _wire.dumps((errors, values), header=header)
 
 
 if __name__ == "__main__":  # pragma: no cover

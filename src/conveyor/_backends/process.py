@@ -11,13 +11,27 @@ Data flow::
           job = calls of one batch --pipe--> worker process (_worker.main)
           outcomes <--pipe-- (per job, or per FLUSH_SECONDS of work)
                               |
-                      batch.finish() --> Pool
+                      reads each message's head, keeps the pickled outcomes; a batch
+                      whose calls all have one goes on the ended list (_ended)
+                              |
+                      the role let go of: a helper ends its own future's batch, the
+                      completer the others: unpickle outcomes, batch.finish() --> Pool
 
 The rooms: this module holds ``ProcessBackend`` and the dispatcher role (who runs the loop);
 ``_schedule`` assigns jobs to workers and speaks the wire; ``_blame`` decides what a fault
 means for which call; ``_workers`` keeps the worker set; ``_start`` the start method;
 ``_interrupts`` defers Ctrl-C while the main thread holds the role; ``_lifecycle`` holds the
-flags every thread reads.
+flags every thread reads; ``_completer`` the threads that end batches.
+
+The holder of the role never runs user code: no result is unpickled under it (a result's
+``__setstate__`` could take its time, or never return), no batch finished (done callbacks,
+map sinks), ``Pool`` not told that the pool broke (it ends what it holds). What ends while
+the role is held goes on ``_ended`` (``_schedule.BatchRun``, ``_schedule.Broken``), and is
+ended by the thread that lets go of the role, once it has: a helper ends the batch of the
+future it waits for itself, which keeps a call's round trip free of thread hand-offs, and
+hands the others to the completer (``_hand_over``); the dispatcher thread hands all of them
+over, before it waits for the next event. A slow unpickling or callback then delays only its
+own call, never a deadline, a crash check or another call.
 
 The dispatcher role
 -------------------
@@ -54,8 +68,10 @@ round trip). A helper that leaves work running wakes the dispatcher thread to ta
     +---------------------------------------+ |
     | HELD by a helper thread               |-+
     | _lend: one _assign();                 |
-    | help: _serve_once until its future is |
-    | done, or its timeout, or Ctrl-C       |
+    | help: _serve_once until a batch has   |
+    | ended (its own, or another: it comes  |
+    | back for its own), or its timeout,    |
+    | or Ctrl-C                             |
     +---------------------------------------+
         |  meanwhile, an event in the park set: the dispatcher thread stops parking
         |  (_parked = False) and blocks on _role.acquire(): it is next, no helper
@@ -64,9 +80,9 @@ round trip). A helper that leaves work running wakes the dispatcher thread to ta
 
 While it helps, a helper takes its own worker's pipe out of the park set (so that the parked
 thread does not wake for the answer the helper waits for) and handles every other event itself.
-Every way its future can end wakes a helper: on its own thread it sees the future done after
-the round that ended it; on another thread (``cancel()``, ``shutdown(cancel_futures=True)``)
-a done callback (``_WakeHelper``) writes the wakeup pipe.
+Every way its future can end wakes a helper: on its own thread it sees its batch on
+``_ended`` after the round that ended it; on another thread (``cancel()``,
+``shutdown(cancel_futures=True)``) a done callback (``_WakeHelper``) writes the wakeup pipe.
 An exception in a helper's rounds is kept in ``_helper_error``: the dispatcher thread, woken,
 ends the pool with it as it would with its own.
 
@@ -81,18 +97,21 @@ Threads and state
   (see ``_lifecycle`` for who reads them without it, and why that is safe).
 * The wakeup pipe: any thread writes it; ``_wake_sent`` saves repeated writes, and may race
   with the role holder's draining, which at worst leaves one extra byte in the pipe.
+* ``_completer``: ``run`` by whoever has let go of the role, ``stop`` by the dispatcher
+  thread as it exits, ``join`` by ``shutdown(wait=True)`` (see ``_completer``).
 * ``_owner`` and ``_helper_error`` are written by the role holder only; ``_parked`` by the
   dispatcher thread only. Other threads read ``_parked`` as a hint and check it again once
   they hold the role; ``_owner`` is only compared with the reader's own ident, which only
   the reader could have written.
-* Everything else (``_crew``, ``_jobs``, ``_functions``, ``_segments``) belongs to the holder
-  of the role.
+* Everything else (``_crew``, ``_jobs``, ``_functions``, ``_segments``, ``_ended``) belongs
+  to the holder of the role.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import os
 import select
 import signal
@@ -109,9 +128,10 @@ from .._errors import BrokenPool, PicklingFailed
 from . import _interrupts, _wire
 from ._base import Backend, Batch, NotRun, waits_for_itself
 from ._blame import Blame
+from ._completer import Completer
 from ._forker import ForkedProcess
 from ._lifecycle import Lifecycle
-from ._schedule import SPIN_SECONDS, FunctionCache, Job
+from ._schedule import SPIN_SECONDS, Broken, Ended, FunctionCache, Job, end_all
 from ._start import default_context, preload_worker
 from ._worker import Init
 from ._workers import KILL_GRACE, Proc, WorkerSet
@@ -151,17 +171,6 @@ class _WakeHelper:
         backend = self.backend
         if backend is not None and threading.get_ident() != self.thread:
             backend._wake_from_outside()
-
-
-def _run_all(later: list[Callable[[], object]]) -> None:
-    """Run deferred user code (each piece ends a future, whose callbacks' errors the future
-    logs itself); every piece runs, even after Ctrl-C."""
-    try:
-        while later:
-            later.pop(0)()
-    finally:
-        if later:
-            _run_all(later)
 
 
 def _initializer_unpicklable(error: BaseException) -> PicklingFailed:
@@ -242,8 +251,10 @@ class ProcessBackend(Blame, Backend):
         self._parked = False  # the dispatcher thread waits without the role
         self._owner: int | None = None  # the thread that holds it
         self._helper_error: BaseException | None = None  # what stopped a helper's loop
-        # User code (done callbacks) that a helper runs once it has given the role back.
-        self._later: list[Callable[[], object]] = []
+        # Ended batches, to be finished once the role is let go of (see _give_back).
+        self._ended: list[Ended] = []
+        # Where the dispatcher thread has them finished: never on itself.
+        self._completer = Completer("conveyor-process-completer")
         # Owned by the holder of the role.
         self._cpus = ProcessBackend.default_workers()
         self._crew = WorkerSet(
@@ -303,14 +314,16 @@ class ProcessBackend(Blame, Backend):
                 self._close_pipes()
         if thread is not None:
             self._wake()
-            # The dispatcher, or a thread running its loop (a callback of a future it ended
-            # calls shutdown), would wait for itself.
+            # The holder of the role would wait for itself (it runs no user code, so only
+            # the backend's own code could ask). A done callback on a completer thread may
+            # ask: ``Completer.join`` leaves out the thread it runs on.
             if (
                 wait
                 and thread is not threading.current_thread()
                 and self._owner != threading.get_ident()
             ):
                 thread.join()
+                self._completer.join()  # (stopped by the dispatcher thread as it exited)
         _live.discard(self)
 
     def busy(self) -> int:
@@ -324,6 +337,7 @@ class ProcessBackend(Blame, Backend):
 
     def runs_loop_here(self) -> bool:
         # (Only the holder sets _owner to its own ident, and clears it before letting go.)
+        # Never true where user code runs: it runs once the role is let go of.
         return self._owner == threading.get_ident()
 
     # -- internals: starting and waking -------------------------------------------------------
@@ -394,13 +408,18 @@ class ProcessBackend(Blame, Backend):
             try:
                 self._finish_all()
             finally:
+                ended, self._ended = self._ended, []
                 self._owner = None  # (a later thread may be given this one's ident)
                 self._role.release()
+                try:
+                    self._hand_over(ended)
+                finally:
+                    self._completer.stop()
 
     def _fail_pool(self, error: BrokenPool) -> None:
         with self._life.lock:
             self._life.broken = True
-        self._on_broken(error)
+        self._ended.append(Broken(self._on_broken, error))
 
     def _serve_once(self, until: Future[Any] | None = None, end: float | None = None) -> bool:
         """One round of the dispatcher; True when it is time to exit. A helper passes the
@@ -409,11 +428,17 @@ class ProcessBackend(Blame, Backend):
         life = self._life
         if life.stopping and self._quiet():
             return True
+        if self._ended:
+            if until is not None:
+                return True  # (one of them may be ``until``'s batch: see help)
+            # Before waiting: nothing that has ended may wait for the next event.
+            ended, self._ended = self._ended, []
+            self._hand_over(ended)
         nearest = self._nearest_deadline()
         parking = False
         if until is not None:
-            if until.done() or self._later or _interrupts.interrupted():
-                return True  # (what waits in _later may end ``until``: it runs next)
+            if until.done() or _interrupts.interrupted():
+                return True
             if end is not None:
                 if time.monotonic() >= end:
                     return True
@@ -466,7 +491,7 @@ class ProcessBackend(Blame, Backend):
         if life.killing or life.broken:
             # Nothing will run any more: end every call that waits.
             for batch in self.drain():
-                batch.reject()
+                self._reject(batch)
             while self._jobs:
                 self._fail_job(self._jobs.popleft(), lambda: NotRun(final=True))
         self._enforce_deadlines()
@@ -528,25 +553,50 @@ class ProcessBackend(Blame, Backend):
             return True
         return False
 
-    def _give_back(self) -> list[Callable[[], object]]:
+    def _give_back(self) -> list[Ended]:
         """Let go of a role taken from the parked dispatcher thread; wake it if what is left
-        needs it awake. Returns the user code deferred meanwhile (see ``defer``), for the
-        caller to run now that it does not hold the role."""
+        needs it awake. Returns the batches that ended meanwhile, for the caller to end now
+        that it does not hold the role (see ``_hand_over`` and ``_end_after_help``)."""
         wake = self._helper_error is not None or not self._may_park()
-        later, self._later = self._later, []
+        ended, self._ended = self._ended, []
         self._owner = None
         self._role.release()
         if wake:
             self._wake()
-        return later
+        return ended
 
-    def defer(self, work: Callable[[], object]) -> bool:
-        # A helper runs it once it has given the role back, on its own time; the dispatcher
-        # thread must not: the pool hands it to a thread of its own.
-        if self._owner != threading.get_ident() or threading.current_thread() is self._thread:
-            return False
-        self._later.append(work)
-        return True
+    def _hand_over(self, ended: list[Ended]) -> None:
+        """Have the completer end ``ended``, each batch on its own so that none waits behind
+        another; a notice that the pool broke goes with everything after it, in order (the
+        calls failed after it must fail with its error). Empties ``ended``: the caller's
+        frame may live on (a parked dispatcher's), and must not keep a batch alive."""
+        for at, item in enumerate(ended):
+            if isinstance(item, Broken):
+                self._completer.run(functools.partial(end_all, ended[at:]))
+                break
+            self._completer.run(item.end)
+        ended.clear()
+
+    def _end_after_help(self, ended: list[Ended], future: Future[Any]) -> None:
+        """End, on this thread, the batch of ``future`` (for which it waits); hand the
+        others over, so that none of them waits for this one's done callbacks."""
+        own: list[Ended] = []
+        rest: list[Ended] = []
+        for at, item in enumerate(ended):
+            if isinstance(item, Broken):
+                rest += ended[at:]
+                break
+            batch = item.batch
+            root = batch if batch.parent is None else batch.parent
+            (own if root.future is future else rest).append(item)
+        ended.clear()
+        if not rest:  # (a call's round trip: only its own batch)
+            end_all(own)
+            return
+        try:
+            self._hand_over(rest)
+        finally:
+            end_all(own)
 
     def _lend(self) -> None:
         """A thread that called ``submit`` while the dispatcher thread was parked sends the
@@ -555,7 +605,7 @@ class ProcessBackend(Blame, Backend):
             self._wake()
             return
         held = _interrupts.hold_interrupts(self._wake_w)
-        later: list[Callable[[], object]] = []
+        ended: list[Ended] = []
         try:
             if not self._take_role():
                 self._wake()
@@ -566,25 +616,35 @@ class ProcessBackend(Blame, Backend):
             except BaseException as exc:
                 self._helper_error = exc
             finally:
-                later = self._give_back()
+                ended = self._give_back()
         finally:
             try:
                 _interrupts.release_interrupts(held)
             finally:
-                _run_all(later)
+                if ended:
+                    self._hand_over(ended)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
         if the dispatcher thread is parked."""
         if self.runs_loop_here():
             raise waits_for_itself("waiting for a call's future")
-        if not self._parked or not _interrupts.may_help_here():
-            return
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._parked and not future.done() and _interrupts.may_help_here():
+            if not self._help_once(future, end):
+                return
+            if end is not None and time.monotonic() >= end:
+                return
+
+    def _help_once(self, future: Future[Any], end: float | None) -> bool:
+        """Hold the role until ``future``'s batch, or another, has ended, then end them
+        (see ``_end_after_help``); True if it may help again (only others had ended)."""
         held = _interrupts.hold_interrupts(self._wake_w)
-        later: list[Callable[[], object]] = []
+        ended: list[Ended] = []
+        again = False
         try:
             if not self._take_role():
-                return
+                return False
             park_set = self._crew.park_set
             by_fd = self._crew.by_fd
             busy: list[int] = []
@@ -598,24 +658,26 @@ class ProcessBackend(Blame, Backend):
                     busy = [p.fd for p in self._crew.procs if p.jobs and p.fd in by_fd]
                     for fd in busy:
                         park_set.modify(fd, 0)
-                    end = None if timeout is None else time.monotonic() + timeout
                     while not self._serve_once(future, end):
                         pass
+                    again = bool(self._ended)
             except BaseException as exc:
                 # The dispatcher's state may be half-updated: the dispatcher thread ends
                 # the pool with this error, as it would end it with its own.
                 self._helper_error = exc
+                again = False
             finally:
                 waker.backend = None
                 for fd in busy:
                     if fd in by_fd:
                         park_set.modify(fd, select.EPOLLIN)
-                later = self._give_back()
+                ended = self._give_back()
         finally:
             try:
                 _interrupts.release_interrupts(held)
             finally:
-                _run_all(later)
+                self._end_after_help(ended, future)
+        return again
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -643,4 +705,4 @@ class ProcessBackend(Blame, Backend):
             self._close_pipes()
             late = self.drain()
         for batch in late:
-            batch.reject()
+            self._reject(batch)
