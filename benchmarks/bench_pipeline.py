@@ -115,9 +115,7 @@ def _pypeln_io() -> int:
 def _conveyor_trivial() -> int:
     # The same bound as the queue.Queue(1000) between the hand-written stages.
     pipeline = (
-        conveyor.Pipeline(range(TRIVIAL_ITEMS))
-        .map(_add_one, buffer=1000)
-        .map(_double, buffer=1000)
+        conveyor.Pipeline(range(TRIVIAL_ITEMS)).map(_add_one, buffer=1000).map(_double, buffer=1000)
     )
     return sum(pipeline)
 

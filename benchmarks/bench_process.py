@@ -901,9 +901,7 @@ CASES: dict[str, Callable[[], None]] = {
 
 def main() -> None:
     """Run every case, or those named on the command line (``map``, ``cpu``, ...)."""
-    run_cases(
-        "bench_process", CASES, f"; pools get {CPUS} workers unless a case says otherwise"
-    )
+    run_cases("bench_process", CASES, f"; pools get {CPUS} workers unless a case says otherwise")
 
 
 if __name__ == "__main__":

@@ -111,8 +111,10 @@ def _io_case() -> None:
         (STDLIB, stdlib_executor),
         ("multiprocessing.pool.ThreadPool", thread_pool),
         (f"reference: {IO_CALLS // IO_WORKERS} sleeps in a row", serial_sleep),
-        (f"reference: {IO_WORKERS} bare threads, {IO_CALLS // IO_WORKERS} sleeps each",
-         bare_threads),
+        (
+            f"reference: {IO_WORKERS} bare threads, {IO_CALLS // IO_WORKERS} sleeps each",
+            bare_threads,
+        ),
     ]
     results = rounds(contenders, IO_ROUNDS, check=check)
     stdlib = results[STDLIB].median

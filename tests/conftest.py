@@ -60,9 +60,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     deadline = time.monotonic() + LEAK_GRACE
     while True:
-        threads = [
-            t for t in threading.enumerate() if t not in threads_before and t.is_alive()
-        ]
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
         children = _children() - children_before
         if not threads and not children:
             return

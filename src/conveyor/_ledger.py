@@ -23,14 +23,13 @@ the count of accepted batches that shutdown waits for drops exactly once per bat
 
 Threads: any thread may call ``accept`` and ``cancel``; backends call ``begin``/``finish``
 (through ``Batch``) on their own threads. The lock is never held while user code runs: done
-callbacks run after it is released, and never on a thread that runs a backend's loop (they
-go to the ledger's callback thread there, see ``_Callbacks``).
+callbacks run after it is released. Backends never call ``finish`` from a thread that runs
+their own loop (the process backend ends batches once it has let go of its dispatcher role),
+so a callback can neither stall a pool nor wait for itself.
 """
 
 from __future__ import annotations
 
-import functools
-import queue
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import CancelledError, Future
@@ -40,7 +39,6 @@ from ._backends._base import (
     Backend,
     Batch,
     NotRun,
-    has_user_callbacks,
     plain,
     waits_for_itself,
 )
@@ -112,69 +110,6 @@ class CallCosts:
         self._costs[fn_key(fn)] = (ref, seconds)
 
 
-class _Callbacks:
-    """Threads that run user code a backend's loop must not run: the done callbacks of a
-    future ended on a thread that holds the loop (the process backend's dispatcher thread).
-    One slow callback there would delay every deadline and crash check, and one that waits
-    for the pool would wait for itself.
-
-    A thread is started whenever work comes and none is idle, so that a callback that waits
-    for another future of the pool (whose callbacks come here too) cannot wait for itself.
-    Threads stop once the pool has ended every call (``stop``).
-    """
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._queue: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._free = 0  # threads waiting for work
-        self._stopped = False
-
-    def run(self, work: Callable[[], object]) -> None:
-        with self._lock:
-            if self._stopped:
-                start = False
-            elif self._free:
-                self._free -= 1
-                start = False
-            else:
-                start = True
-                thread = threading.Thread(
-                    target=self._serve, name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(thread)
-            stopped = self._stopped
-            if not stopped:
-                self._queue.put(work)
-        if stopped:
-            work()  # nothing else could run it
-        elif start:
-            thread.start()
-
-    def stop(self, wait: bool) -> None:
-        """Let every thread end once the work handed over is done; ``wait`` for them."""
-        with self._lock:
-            threads = list(self._threads)
-            if not self._stopped:
-                self._stopped = True
-                for _ in threads:
-                    self._queue.put(None)
-        if wait:
-            current = threading.current_thread()
-            for thread in threads:
-                if thread is not current:
-                    thread.join()
-
-    def _serve(self) -> None:
-        get = self._queue.get
-        while (work := get()) is not None:
-            work()
-            del work
-            with self._lock:
-                self._free += 1
-
-
 def _end(future: Future[Any], outcome: Any, failed: bool) -> None:
     if failed:
         future.set_exception(outcome)
@@ -197,7 +132,6 @@ class Ledger:
         max_pending: int | None,
         workers: int,
         call_timeout: float | None,
-        name: str,
     ) -> None:
         #: How many calls may run at once, and each call's timeout (seconds or None).
         self.workers = workers
@@ -219,7 +153,6 @@ class Ledger:
         self._active = 0  # original batches (not reruns) not yet DONE or CANCELLED
         self._waiting = 0  # submitted calls holding a max_pending place
         self._counts = Counts()
-        self._callbacks = _Callbacks(f"{name}-callbacks")
 
     # -- accepting ----------------------------------------------------------------------------
 
@@ -349,14 +282,8 @@ class Ledger:
             outcome = root.errors[0] if root.errors else root.values[0]
             root.values = []  # the future holds the outcome from now on, not the batch
             root.errors = None
-            if has_user_callbacks(future) and backend.runs_loop_here():
-                # Its callbacks must not run while this thread holds the backend's loop.
-                work = functools.partial(_end, future, outcome, failed_call)
-                if not backend.defer(work):
-                    self._callbacks.run(work)
-                del work
-            else:
-                _end(future, outcome, failed_call)
+            # (Never on a thread that holds a backend's loop: see the module's doc.)
+            _end(future, outcome, failed_call)
             del outcome
         elif root.sink is not None:
             root.sink(root)
@@ -511,17 +438,12 @@ class Ledger:
         if stop:
             assert self.backend is not None
             self.backend.shutdown(wait=False)
-            self._callbacks.stop(wait=False)  # (every call has ended: no callback is to come)
 
     def wait_idle(self) -> None:
         """Block until every accepted batch is DONE or CANCELLED."""
         with self._lock:
             while self._active:
                 self._emptied.wait()
-
-    def close_callbacks(self, wait: bool) -> None:
-        """Stop the callback thread once what it holds is done."""
-        self._callbacks.stop(wait)
 
     def counts(self) -> Counts:
         """A copy of the counters, taken at one moment."""

@@ -239,9 +239,7 @@ class _MapState:
                 batch = self._done.get(timeout=max(0.0, remaining))
             except queue.Empty:
                 self.close()
-                raise Timeout(
-                    "map() did not produce its next result within timeout"
-                ) from None
+                raise Timeout("map() did not produce its next result within timeout") from None
         if batch.elapsed > 0.0:
             self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
             self._measured_calls = 0.5 * self._measured_calls + len(batch)

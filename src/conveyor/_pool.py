@@ -28,6 +28,7 @@ __all__ = ["Pool", "PoolStatistics"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
 @dataclass(frozen=True)
 class PoolStatistics:
     """An immutable snapshot of a pool, from ``Pool.statistics()``.
@@ -60,7 +61,6 @@ class PoolStatistics:
 def _drop_backend(backend: Backend, ledger: Ledger, pid: int) -> None:
     """A pool dropped without shutdown stops its backend, in the process that made it."""
     if os.getpid() == pid:
-        ledger.close_callbacks(wait=False)
         backend.shutdown(wait=False)
 
 
@@ -162,7 +162,6 @@ class Pool(Executor):
             max_pending=max_pending,
             workers=self._workers,
             call_timeout=timeout,
-            name=f"conveyor-{backend_cls.name}",
         )
         self._backend: Backend = backend_cls(
             self._workers,
@@ -174,9 +173,7 @@ class Pool(Executor):
         ledger.backend = self._backend
         # A pool dropped without shutdown still stops its workers.
         self._pid = os.getpid()  # a forked child cannot use the pool (see _forked_away)
-        self._finalizer = weakref.finalize(
-            self, _drop_backend, self._backend, ledger, self._pid
-        )
+        self._finalizer = weakref.finalize(self, _drop_backend, self._backend, ledger, self._pid)
         # At exit the backends' own hook stops every pool and waits for it; this one, run
         # first, would stop it without waiting and race with multiprocessing's exit handler.
         self._finalizer.atexit = False
@@ -447,7 +444,6 @@ class Pool(Executor):
                 )
             self._ledger.wait_idle()
             self._backend.shutdown(wait=True)
-            self._ledger.close_callbacks(wait=True)
             self._finalizer.detach()
 
     def close(self) -> None:

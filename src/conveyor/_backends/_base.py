@@ -36,7 +36,6 @@ __all__ = [
     "Backend",
     "Batch",
     "NotRun",
-    "has_user_callbacks",
     "log_initializer_failure",
     "offer_help",
     "plain",
@@ -193,16 +192,6 @@ def log_initializer_failure() -> None:
     logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
 
 
-def has_user_callbacks(future: Future[Any]) -> bool:
-    """Whether ``future`` has done callbacks other than conveyor's own (callables with a true
-    ``conveyor_internal`` attribute, which run no user code)."""
-    # A stdlib Future keeps its callbacks in _done_callbacks; another kind: assume some.
-    callbacks = getattr(future, "_done_callbacks", None)
-    if callbacks is None:
-        return True
-    return any(not getattr(callback, "conveyor_internal", False) for callback in callbacks)
-
-
 class Backend(abc.ABC):
     """An engine that runs batches of calls on some kind of worker."""
 
@@ -263,13 +252,6 @@ class Backend(abc.ABC):
         """Do the backend's work on the calling thread, which waits for ``future``, until the
         future is done or ``timeout`` seconds have passed; return at once if it cannot."""
         return None
-
-    def defer(self, work: Callable[[], object]) -> bool:
-        """Called on a thread that runs the backend's loop (see ``runs_loop_here``) with user
-        code to run (the done callbacks of a future it ended): True if the backend runs
-        ``work`` on this thread once it has let go of its loop; False has the pool run it on a
-        thread of its own."""
-        return False
 
     def in_worker(self) -> bool:
         """Whether the calling thread is one of this backend's workers (running a call)."""

@@ -280,9 +280,7 @@ class Forker:
 # -- in the forker process --------------------------------------------------------------------
 
 
-def serve(
-    control: socket.socket, lifeline: Connection, init: Init | None, spin: bool
-) -> None:
+def serve(control: socket.socket, lifeline: Connection, init: Init | None, spin: bool) -> None:
     """The forker's loop: fork a worker per request, report each one's pid and exit status."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     wake_r, wake_w = os.pipe()

@@ -571,8 +571,7 @@ def unreadable_arguments(error: BaseException) -> UnpicklingFailed:
 
 def pickling_failed(what: str, error: BaseException) -> PicklingFailed:
     problem = PicklingFailed(
-        f"the call's {what} cannot be pickled for a worker process: "
-        f"{type(error).__name__}: {error}"
+        f"the call's {what} cannot be pickled for a worker process: {type(error).__name__}: {error}"
     )
     problem.__cause__ = error
     return problem

@@ -47,6 +47,7 @@ _HAS_SHM = os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK)
 _names = itertools.count()
 _MAIN_REFERENCE = b"__main__"
 
+
 def main_is_a_file() -> bool:
     """Whether a worker can import ``__main__`` again: it is a script's file, not a REPL,
     ``python -c`` or a script read from standard input (whose ``__file__`` is ``<stdin>``)."""

@@ -80,9 +80,7 @@ class Proc:
         "spare",
     )
 
-    def __init__(
-        self, process: BaseProcess | ForkedProcess, conn: Connection, mark: Any
-    ) -> None:
+    def __init__(self, process: BaseProcess | ForkedProcess, conn: Connection, mark: Any) -> None:
         self.process = process
         self.conn = conn
         self.fd = conn.fileno()

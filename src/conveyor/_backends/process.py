@@ -161,7 +161,6 @@ class _WakeHelper:
     stays among the future's callbacks, which offer no way to remove one)."""
 
     __slots__ = ("backend", "thread")
-    conveyor_internal = True  # (it runs no user code: see _base.has_user_callbacks)
 
     def __init__(self, backend: ProcessBackend) -> None:
         self.backend: ProcessBackend | None = backend
