@@ -349,6 +349,28 @@ def unbuildable_on(x: int, bad: int) -> Any:
     return UnpicklingRaises() if x == bad else x
 
 
+def _build_outside(pid: int, x: int) -> int:
+    if os.getpid() == pid:
+        raise LookupError("this object refuses to be unpickled in the process that made it")
+    return x
+
+
+class ReadableOnlyElsewhere:
+    """Pickles fine, and unpickles anywhere but in the process ``pid`` (the pool's)."""
+
+    def __init__(self, pid: int, x: int) -> None:
+        self.pid = pid
+        self.x = x
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[int, int]]:
+        return (_build_outside, (self.pid, self.x))
+
+
+def unreadable_in_pool_on(x: int, bad: int, pool_pid: int) -> Any:
+    """A result that the worker could unpickle, but not the pool (process ``pool_pid``)."""
+    return ReadableOnlyElsewhere(pool_pid, x) if x == bad else x
+
+
 def raise_base_exception_on(x: int, bad: int, kind: str) -> int:
     if x == bad:
         if kind == "SystemExit":

@@ -508,6 +508,26 @@ def test_a_result_that_cannot_be_unpickled_fails_only_its_own_call_in_a_batch(
     assert seen == [0, 1, 2, 3, 4]
 
 
+def test_a_result_only_the_pool_cannot_unpickle_fails_only_its_own_call() -> None:
+    # The worker could read it back; the pool cannot: the calls whose results came with it
+    # run again, each on its own, and only the one at fault fails.
+    pid, n = os.getpid(), 12
+    with conveyor.Pool("process", 2) as pool:
+        error = pool.submit(funcs.unreadable_in_pool_on, 7, 7, pid).exception(WAIT)
+        assert isinstance(error, conveyor.UnpicklingFailed)
+        assert isinstance(error.__cause__, LookupError)
+        seen: list[int] = []
+        with pytest.raises(conveyor.UnpicklingFailed) as caught:
+            for value in pool.map(
+                funcs.unreadable_in_pool_on, range(n), [7] * n, [pid] * n, chunksize=n
+            ):
+                seen.append(value)
+        assert isinstance(caught.value.__cause__, LookupError)
+        stats = pool.statistics()
+    assert seen == list(range(7))
+    assert (stats.completed, stats.failed) == (n - 1, 2)
+
+
 #: What the pool unpickled of ``Recorded`` results: (x, the mean of its data).
 RECORDED: list[tuple[int, float]] = []
 

@@ -39,6 +39,7 @@ from ._backends._base import (
     Backend,
     Batch,
     NotRun,
+    RunAlone,
     plain,
     waits_for_itself,
 )
@@ -294,23 +295,32 @@ class Ledger:
         """The reruns that ``batch``'s errors call for (lock held). Each rerun's ``places``
         holds indexes into ``batch``; the caller maps them to ``root``.
 
-        A call its worker never started runs again as the same attempt; a call that raised a
-        ``retry_on`` exception runs again while attempts remain.
+        A call its worker never started runs again as the same attempt; so does a call whose
+        outcome could not be read with others (``RunAlone``), in a batch of its own; a call
+        that raised a ``retry_on`` exception runs again while attempts remain.
         """
         assert batch.errors is not None
         can_rerun = self.broken is None and not self.cancelling
         not_run: list[int] = []
         retry: list[int] = []
+        alone: list[int] = []
         for index, error in batch.errors.items():
             if isinstance(error, NotRun):
                 if can_rerun and not error.final:
                     not_run.append(index)
                 else:
                     batch.errors[index] = self._never_ran(again=False)
+            elif isinstance(error, RunAlone):
+                if can_rerun:
+                    alone.append(index)
+                else:
+                    batch.errors[index] = error.failure
             elif can_rerun and batch.attempt <= self._retries and isinstance(error, self._retry_on):
                 retry.append(index)
+        plans = [(not_run, batch.attempt), (retry, batch.attempt + 1)]
+        plans += [([index], batch.attempt) for index in alone]
         reruns = []
-        for indexes, attempt in ((not_run, batch.attempt), (retry, batch.attempt + 1)):
+        for indexes, attempt in plans:
             if indexes:
                 child = Batch(
                     self,

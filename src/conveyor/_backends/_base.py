@@ -36,6 +36,7 @@ __all__ = [
     "Backend",
     "Batch",
     "NotRun",
+    "RunAlone",
     "log_initializer_failure",
     "offer_help",
     "plain",
@@ -50,6 +51,17 @@ class NotRun(Exception):
     def __init__(self, final: bool = False) -> None:
         super().__init__()
         self.final = final
+
+
+class RunAlone(Exception):
+    """Marks a call that ran, but whose outcome came in a message that could not be read
+    whole (one outcome sent with it cannot be unpickled): Pool runs it again in a batch of its
+    own, where its outcome is read alone, so that only the call at fault fails. When the pool
+    runs nothing more, the call ends with ``failure``."""
+
+    def __init__(self, failure: BaseException) -> None:
+        super().__init__()
+        self.failure = failure
 
 
 class Batch:

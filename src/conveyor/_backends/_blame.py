@@ -11,9 +11,10 @@ Faults stay local:
   (``Blame._split_unpicklable``); arguments that cannot be unpickled in the worker are retried
   one call per job to find the culprit, which fails with ``UnpicklingFailed``
   (``Blame._unreadable_job``). A result or exception that cannot be unpickled in the pool
-  fails its own call with ``UnpicklingFailed``: the other outcomes sent with it are taken
-  apart from it (see ``_wire.loads_salvaging``); when even that fails, every call of its
-  message fails (``_schedule.BatchRun.end``, outside the dispatcher role). A message of the
+  fails its own call with ``UnpicklingFailed``: the calls whose outcomes came in the same
+  message run again, each in a batch of its own (``_base.RunAlone``), and only the one whose
+  outcome still cannot be read fails (``_schedule.BatchRun.end``, outside the dispatcher
+  role). A message of the
   worker's own that cannot be read fails the job's open calls and replaces the worker
   (``Blame._unreadable_results``).
 * Workers that die before they are ready, ``FAILED_STARTS`` times in a row, break the pool.

@@ -31,7 +31,7 @@ from typing import Any
 
 from .._errors import BrokenPool, PicklingFailed, UnpicklingFailed
 from . import _wire, _worker
-from ._base import Batch, NotRun
+from ._base import Batch, NotRun, RunAlone
 from ._fnref import FnRef, fn_key, fn_ref, is_fn
 from ._lifecycle import Lifecycle
 from ._workers import Proc, WorkerSet
@@ -90,14 +90,17 @@ class BatchRun:
 
 
 def _place(batch: Batch, placed: range | list[int], blob: memoryview) -> None:
-    """Unpickle a worker's outcomes for calls ``placed`` into ``batch``; a value that cannot
-    be unpickled fails its own call (see ``_wire.loads_salvaging``), and if nothing can be,
-    every call of the message fails."""
+    """Unpickle a worker's outcomes for calls ``placed`` into ``batch``.
+
+    A message of several outcomes that cannot be unpickled whole has its calls run again, each
+    in a batch of its own (``RunAlone``): only the one at fault then fails. The others run
+    twice, which costs nothing on the normal path (see the README's process section)."""
     try:
-        (errors, values), lost = _wire.loads_salvaging(blob)
+        errors, values = _wire.loads(blob)
     except BaseException as exc:
         for index in placed:
-            batch.fail(index, unreadable_result(exc))
+            failure = unreadable_result(exc)
+            batch.fail(index, failure if len(placed) == 1 else RunAlone(failure))
         return
     if isinstance(placed, range):
         batch.values[placed.start : placed.stop] = values
@@ -106,9 +109,6 @@ def _place(batch: Batch, placed: range | list[int], blob: memoryview) -> None:
             batch.values[place] = value
     for offset, packed in errors.items():
         batch.fail(placed[offset], _worker.unpack_error(packed))
-    if lost:
-        for offset, problem in lost.items():
-            batch.fail(placed[offset], unreadable_result(problem))
 
 
 class Broken:

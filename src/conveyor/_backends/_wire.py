@@ -23,22 +23,19 @@ A message is one of::
 
 from __future__ import annotations
 
-import bisect
 import io
 import itertools
 import mmap
 import os
 import pickle
-import pickletools
 import secrets
-import struct
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["BIG", "dumps", "dumps_function", "forget_files", "loads", "loads_salvaging"]
+__all__ = ["BIG", "dumps", "dumps_function", "forget_files", "loads"]
 
 #: Buffers of at least this many bytes go through shared memory.
 BIG = 1 << 20
@@ -192,29 +189,6 @@ def loads(
     return pickle.loads(data, buffers=buffers)
 
 
-def loads_salvaging(
-    message: bytes | bytearray | memoryview,
-) -> tuple[Any, dict[int, BaseException] | None]:
-    """``loads`` for a message whose object is a tuple ending in a list, and the errors of the
-    list's items that could not be unpickled (None if all could).
-
-    Only when the whole cannot be unpickled is each item of the list unpickled on its own
-    (see ``_salvage``): those that fail are None in the list, their errors given by position.
-    Raises what ``loads`` raised if anything else fails.
-    """
-    data, buffers = _open(message, None)
-    try:
-        return pickle.loads(data, buffers=buffers), None
-    except BaseException:
-        try:
-            salvaged = _salvage(data, buffers)
-        except Exception:
-            salvaged = None
-        if salvaged is None:
-            raise
-        return salvaged
-
-
 def _open(
     message: bytes | bytearray | memoryview, mapped: list[tuple[str, Any]] | None
 ) -> tuple[Any, list[Any] | None]:
@@ -238,265 +212,6 @@ def _open(
     finally:
         forget_files(name for name, _ in files)
     return data, buffers
-
-
-# -- unpickling a list's items one by one --------------------------------------------------
-#
-# A pickle is one stream: an item that cannot be rebuilt stops the whole. To get the others,
-# ``_salvage`` reads the opcodes (pickletools), finds where each item of the list begins and
-# ends, and unpickles each item's opcodes alone, all with one Unpickler so that its memo (the
-# objects later opcodes refer back to) carries on from item to item as in the whole stream.
-# When an item fails, its memo entries that were never set are set to None, so that later
-# entries keep their numbers; those and the entries of objects it had not finished (or that
-# refer to one) are broken: a later item referring to any of them fails too.
-
-#: Opcodes that change the object below their arguments and leave it on the stack.
-_IN_PLACE = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD", "MEMOIZE"})
-_TUPLES = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"})
-_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
-
-
-class _Span:
-    """An object on the stack while the opcodes are read: the numbers of its first opcode
-    and of the last that changed it and, for a tuple or a list, the opcodes of each item."""
-
-    __slots__ = ("children", "last", "parts", "start")
-
-    def __init__(self, start: int, last: int) -> None:
-        self.start = start
-        self.last = last
-        self.parts: list[tuple[int, int]] = []  # [first, end) opcode numbers of each item
-        self.children: list[_Span] = []
-
-
-_MARK = _Span(-1, -1)
-
-
-class _Stream:
-    """The file an Unpickler reads, given a new piece before each ``load``. Without
-    ``peek`` the Unpickler reads no further than the opcode it is running."""
-
-    def __init__(self) -> None:
-        self.piece = io.BytesIO()
-
-    def read(self, size: int = -1) -> bytes:
-        return self.piece.read(size)
-
-    def readinto(self, buffer: Any) -> int:
-        return self.piece.readinto(buffer)
-
-    def readline(self) -> bytes:
-        return self.piece.readline()
-
-
-class _Buffers:
-    """Out-of-band buffers handed out from ``at``, which is set before each piece."""
-
-    def __init__(self, buffers: list[Any]) -> None:
-        self.buffers = buffers
-        self.at = 0
-
-    def __iter__(self) -> _Buffers:
-        return self
-
-    def __next__(self) -> Any:
-        if self.at >= len(self.buffers):
-            raise StopIteration
-        self.at += 1
-        return self.buffers[self.at - 1]
-
-
-class _Opcodes:
-    """What ``_salvage`` needs to know of each opcode of a pickle, found without running it."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.positions: list[int] = []  # of each opcode, then the end
-        self.names: list[str] = []
-        self.defines: dict[int, int] = {}  # opcode number -> memo entry it sets
-        self.objects: dict[int, _Span] = {}  # memo entry -> its object
-        self.refers: dict[int, int] = {}  # opcode number -> memo entry it reads
-        self.buffers_before: list[int] = []  # out-of-band buffers taken by earlier opcodes
-        self.frames: list[int] = []  # FRAME opcodes, left out of the pieces
-        self.top: _Span | None = None
-
-    def read(self) -> None:
-        stack: list[_Span] = []
-        buffers = 0
-        for number, (op, arg, position) in enumerate(pickletools.genops(self.data)):
-            if position is None:  # only for a stream without tell(), never bytes
-                raise ValueError("no position")
-            name = op.name
-            self.positions.append(position)
-            self.names.append(name)
-            self.buffers_before.append(buffers)
-            if name == "STOP":
-                self.positions.append(position + 1)
-                self.top = stack.pop()
-                return
-            if name == "MARK":
-                stack.append(_MARK)
-                continue
-            if name == "FRAME":
-                self.frames.append(number)
-            elif name == "NEXT_BUFFER":
-                buffers += 1
-            before = op.stack_before
-            items: list[_Span] = []
-            fixed = len(before)
-            if pickletools.markobject in before:
-                mark = len(stack) - 1 - stack[::-1].index(_MARK)
-                items = stack[mark + 1 :]
-                del stack[mark:]
-                fixed = before.index(pickletools.markobject)
-            if fixed > len(stack):
-                raise ValueError("stack underflow")
-            below = stack[len(stack) - fixed :]
-            del stack[len(stack) - fixed :]
-            if _MARK in below:
-                raise ValueError("mark in the way")
-            if name in _IN_PLACE:
-                span = below[0]
-                if name == "APPEND":
-                    span.parts += self._ranges(below[1:], number)
-                elif name == "APPENDS":
-                    span.parts += self._ranges(items, number)
-                if name != "MEMOIZE":
-                    span.last = number
-                stack.append(span)
-            elif op.stack_after:
-                parts = below + items
-                span = _Span(min((s.start for s in parts), default=number), number)
-                if name in _TUPLES:
-                    span.children = parts
-                    span.parts = self._ranges(parts, number)
-                stack.extend([span] * len(op.stack_after))
-            if name == "MEMOIZE" or name in _PUTS:
-                entry = len(self.objects) if name == "MEMOIZE" else int(arg or 0)
-                self.defines[number] = entry
-                self.objects[entry] = stack[-1]
-            elif name in _GETS:
-                self.refers[number] = int(arg or 0)
-        raise ValueError("no STOP")
-
-    @staticmethod
-    def _ranges(spans: list[_Span], end: int) -> list[tuple[int, int]]:
-        starts = [s.start for s in spans]
-        return list(zip(starts, [*starts[1:], end], strict=True))
-
-    def piece(self, first: int, end: int) -> tuple[bytes, list[tuple[int, int]]]:
-        """Opcodes ``first`` to ``end`` (excluded) as a pickle of their own, and where its
-        parts come from: (offset in the piece, offset in ``data``), in order."""
-        parts = [b"\x80\x05"]
-        origins = []
-        size = 2
-        at = first
-        frames = self.frames[
-            bisect.bisect_left(self.frames, first) : bisect.bisect_left(self.frames, end)
-        ]
-        for stop in [*frames, end]:
-            part = self.data[self.positions[at] : self.positions[stop]]
-            origins.append((size, self.positions[at]))
-            parts.append(part)
-            size += len(part)
-            at = stop + 1
-        parts.append(b".")
-        return b"".join(parts), origins
-
-    def opcode_at(self, origins: list[tuple[int, int]], offset: int) -> int:
-        """The number of the opcode at ``offset`` in a piece (see ``piece``)."""
-        index = bisect.bisect_right([o for o, _ in origins], offset) - 1
-        if index < 0:
-            return -1
-        inside, outside = origins[index]
-        return bisect.bisect_right(self.positions, outside + offset - inside) - 1
-
-    def refers_within(self, span: _Span) -> set[int]:
-        return {self.refers[n] for n in range(span.start, span.last + 1) if n in self.refers}
-
-
-def _salvage(
-    data: Any, buffers: list[Any] | None
-) -> tuple[tuple[Any, ...], dict[int, BaseException]] | None:
-    """The tuple in ``data`` with each item of its last element, a list, unpickled on its own,
-    and the errors of those that failed; None (or an exception) if something else fails."""
-    ops = _Opcodes(bytes(data))
-    ops.read()
-    top = ops.top
-    if top is None or not top.children or not top.children[-1].parts:
-        return None
-    # The tuple's other fields (k None), then each item k of the list, in the stream's order.
-    pieces: list[tuple[int, int, int | None]] = [(a, b, None) for a, b in top.parts[:-1]]
-    pieces += [(a, b, k) for k, (a, b) in enumerate(top.children[-1].parts)]
-    stream = _Stream()
-    handed = None if buffers is None else _Buffers(buffers)
-    unpickler = pickle.Unpickler(stream, buffers=handed)
-    broken: dict[int, BaseException | None] = {}  # memo entries no piece may refer to
-    head: list[Any] = []
-    items: list[Any] = []
-    lost: dict[int, BaseException] = {}
-
-    def load(piece: bytes, first: int) -> Any:
-        stream.piece = io.BytesIO(piece)
-        if handed is not None:
-            handed.at = ops.buffers_before[first]
-        return unpickler.load()
-
-    def fill(numbers: list[int]) -> None:
-        # Sets the memo entries of opcodes not run, so that later entries keep their numbers.
-        if numbers:
-            sets = [
-                b"\x94" if ops.names[n] == "MEMOIZE" else b"r" + struct.pack("<I", ops.defines[n])
-                for n in numbers
-            ]
-            load(b"\x80\x05N" + b"".join(sets) + b".", 0)
-
-    done = 0
-    for first, end, k in pieces:
-        glue = [n for n in range(done, first) if n in ops.defines]
-        for n in glue:
-            broken[ops.defines[n]] = None  # the list or the tuple itself, which no item holds
-        fill(glue)
-        done = end
-        refers = {ops.refers[n] for n in range(first, end) if n in ops.refers}
-        shared = [broken[entry] for entry in refers if entry in broken]
-        present: dict[Any, Any] = {}  # the memo after the piece failed
-        failed_at = first  # the opcode that failed
-        problem: BaseException | None = None
-        if shared:
-            problem = next((error for error in shared if error is not None), None)
-            if problem is None or any(error is None for error in shared):
-                return None
-        else:
-            piece, origins = ops.piece(first, end)
-            try:
-                value = load(piece, first)
-            except BaseException as error:
-                problem = error
-                present = unpickler.memo.copy()
-                failed_at = ops.opcode_at(origins, stream.piece.tell() - 1)
-        if problem is None:
-            (head if k is None else items).append(value)
-            continue
-        if k is None:
-            return None  # one of the message's own fields
-        lost[k] = problem
-        items.append(None)
-        mine = [n for n in range(first, end) if n in ops.defines]
-        entries = {ops.defines[n] for n in mine}
-        unsafe = {
-            e for e in entries if e not in present or not first <= ops.objects[e].last < failed_at
-        }
-        grown = True
-        while grown:  # finished objects that refer to unfinished ones are unsafe too
-            more = {e for e in entries - unsafe if ops.refers_within(ops.objects[e]) & unsafe}
-            unsafe |= more
-            grown = bool(more)
-        for entry in unsafe:
-            broken[entry] = problem
-        fill([n for n in mine if ops.defines[n] not in present])
-    return (*head, items), lost
 
 
 def let_go(mapped: list[tuple[str, Any]]) -> list[str]:
