@@ -17,8 +17,9 @@ Data flow::
                       the role let go of: a helper ends its own future's batch, the
                       completer the others: unpickle outcomes, batch.finish() --> Pool
 
-The rooms: this module holds ``ProcessBackend`` and the dispatcher role (who runs the loop);
-``_schedule`` assigns jobs to workers and speaks the wire; ``_blame`` decides what a fault
+The rooms: this module holds ``ProcessBackend``, its dispatcher thread and the loop;
+``_role`` who holds the loop (the dispatcher role), when the dispatcher thread parks and who
+may take the role then; ``_schedule`` assigns jobs to workers and speaks the wire; ``_blame`` decides what a fault
 means for which call; ``_workers`` keeps the worker set; ``_start`` the start method;
 ``_interrupts`` defers Ctrl-C while the main thread holds the role; ``_lifecycle`` holds the
 flags every thread reads; ``_completer`` the threads that end batches.
@@ -37,54 +38,9 @@ The dispatcher role
 -------------------
 
 The role is the ``_role`` lock: whoever holds it owns every worker and runs the dispatcher's
-loop (``_serve_once``). The dispatcher thread holds it except while it *parks*: when nothing
-is due at a moment (a deadline, a kill), it lets go of the role and waits only on pipes (the
-wakeup pipe, workers' pipes and sentinels). A thread that submits then sends its call itself
-(``_lend``); a thread that waits for a future (``help``) takes the role and runs the loop
-itself until its future is done: it sends the call, waits for the worker's answer and reads
-it, where the parked thread would have had to wake, do it and wake the waiter in turn (each
-wake-up costs tens of microseconds on a virtual machine, about as much as the rest of a call's
-round trip). A helper that leaves work running wakes the dispatcher thread to take it over::
-
-                 _dispatch() starts
-                        |
-                        v
-    +---------------------------------------+  stopping and quiet, or a fault
-    | HELD by the dispatcher thread         |-----------------------------------> ENDED
-    | (rounds of _serve_once)               |  _finish_all(); the role is released
-    +---------------------------------------+  and nobody takes it again (_closed)
-        |  nothing due (_may_park) and     ^
-        |  no event ready: _park()         |  an event in the park set, role free
-        v                                  |
-    +---------------------------------------+
-    | PARKED: the dispatcher thread waits   |
-    | in park_set.poll(); role free;        |
-    | _parked = True                        |
-    +---------------------------------------+
-        |  submit (_lend) or result (help):   ^
-        |  _take_role(): _parked, and         |  _give_back(): role released; the
-        |  _role.acquire(blocking=False)      |  dispatcher is woken unless it may park
-        v                                     |
-    +---------------------------------------+ |
-    | HELD by a helper thread               |-+
-    | _lend: one _assign();                 |
-    | help: _serve_once until a batch has   |
-    | ended (its own, or another: it comes  |
-    | back for its own), or its timeout,    |
-    | or Ctrl-C                             |
-    +---------------------------------------+
-        |  meanwhile, an event in the park set: the dispatcher thread stops parking
-        |  (_parked = False) and blocks on _role.acquire(): it is next, no helper
-        v  may take the role (_take_role needs _parked)
-      HELD by the dispatcher thread, once the helper gives the role back
-
-While it helps, a helper takes its own worker's pipe out of the park set (so that the parked
-thread does not wake for the answer the helper waits for) and handles every other event itself.
-Every way its future can end wakes a helper: on its own thread it sees its batch on
-``_ended`` after the round that ended it; on another thread (``cancel()``,
-``shutdown(cancel_futures=True)``) a done callback (``_WakeHelper``) writes the wakeup pipe.
-An exception in a helper's rounds is kept in ``_helper_error``: the dispatcher thread, woken,
-ends the pool with it as it would with its own.
+loop (``_serve_once``). The dispatcher thread holds it except while it parks; a thread that
+submits or waits may take it meanwhile. Who holds it when, and how it changes hands, is in
+``_role`` (with its state diagram).
 
 Threads and state
 -----------------
@@ -111,9 +67,7 @@ from __future__ import annotations
 
 import atexit
 import collections
-import functools
 import os
-import select
 import signal
 import sys
 import threading
@@ -126,12 +80,12 @@ from typing import Any
 
 from .._errors import BrokenPool, PicklingFailed
 from . import _interrupts, _wire
-from ._base import Backend, Batch, NotRun, waits_for_itself
-from ._blame import Blame
+from ._base import Backend, Batch, NotRun
 from ._completer import Completer
 from ._forker import ForkedProcess
 from ._lifecycle import Lifecycle
-from ._schedule import SPIN_SECONDS, Broken, Ended, FunctionCache, Job, end_all
+from ._role import Role
+from ._schedule import SPIN_SECONDS, Broken, Ended, FunctionCache, Job
 from ._start import default_context, preload_worker
 from ._worker import Init
 from ._workers import KILL_GRACE, Proc, WorkerSet
@@ -155,30 +109,13 @@ def _fds_of_every_pool() -> list[int]:
     return [fd for backend in list(_live) for fd in backend._own_fds()]
 
 
-class _WakeHelper:
-    """A done callback, added to the future that a helper waits for, that wakes the helper
-    when the future ends on another thread. It forgets the pool when the helper leaves (it
-    stays among the future's callbacks, which offer no way to remove one)."""
-
-    __slots__ = ("backend", "thread")
-
-    def __init__(self, backend: ProcessBackend) -> None:
-        self.backend: ProcessBackend | None = backend
-        self.thread = threading.get_ident()
-
-    def __call__(self, future: Future[Any]) -> None:
-        backend = self.backend
-        if backend is not None and threading.get_ident() != self.thread:
-            backend._wake_from_outside()
-
-
 def _initializer_unpicklable(error: BaseException) -> PicklingFailed:
     return PicklingFailed(
         f"initializer and initargs must be picklable for the process backend: {error}"
     )
 
 
-class ProcessBackend(Blame, Backend):
+class ProcessBackend(Role, Backend):
     name = "process"
     can_kill = True
     needs_pickle = True
@@ -505,178 +442,6 @@ class ProcessBackend(Blame, Backend):
             events: list[tuple[int, int]] = poll(0)
             if events or clock() >= until:
                 return events
-
-    # -- parking and helping ------------------------------------------------------------------
-
-    def _may_park(self) -> bool:
-        """Whether the dispatcher thread may wait without the role: nothing is due at a
-        moment (a deadline, a kill), so that every event it waits for comes through a pipe
-        (see ``_park``). A call's deadline is set as it starts, by whoever holds the role."""
-        life = self._life
-        if life.stopping or life.killing or life.broken or self._crew.park_set is None:
-            return False
-        return self._nearest_deadline() is None
-
-    def _park(self) -> None:
-        """Wait without the role until something happens; return holding it.
-
-        The park set holds the wakeup pipe and every worker's pipe and sentinel: whatever
-        the dispatcher would act on wakes it. A helper holding the role meanwhile takes its
-        own worker's pipe out of the set while it waits on it (see ``help``), and handles
-        every other event itself; a parked dispatcher woken then waits for it to leave.
-        """
-        park_set = self._crew.park_set
-        self._parked = True
-        self._owner = None
-        self._role.release()
-        try:
-            while True:
-                try:
-                    park_set.poll()
-                except InterruptedError:
-                    continue
-                if not self._role.acquire(blocking=False):
-                    # A helper has it. No other may take it after this one: it is ours next.
-                    self._parked = False
-                    self._role.acquire()
-                break
-        finally:
-            self._parked = False
-        self._owner = threading.get_ident()
-
-    def _take_role(self) -> bool:
-        """Take the role from a parked dispatcher thread, if it is free; the caller must
-        ``_give_back`` it."""
-        if self._parked and self._role.acquire(blocking=False):
-            self._owner = threading.get_ident()
-            return True
-        return False
-
-    def _give_back(self) -> list[Ended]:
-        """Let go of a role taken from the parked dispatcher thread; wake it if what is left
-        needs it awake. Returns the batches that ended meanwhile, for the caller to end now
-        that it does not hold the role (see ``_hand_over`` and ``_end_after_help``)."""
-        wake = self._helper_error is not None or not self._may_park()
-        ended, self._ended = self._ended, []
-        self._owner = None
-        self._role.release()
-        if wake:
-            self._wake()
-        return ended
-
-    def _hand_over(self, ended: list[Ended]) -> None:
-        """Have the completer end ``ended``, each batch on its own so that none waits behind
-        another; a notice that the pool broke goes with everything after it, in order (the
-        calls failed after it must fail with its error). Empties ``ended``: the caller's
-        frame may live on (a parked dispatcher's), and must not keep a batch alive."""
-        for at, item in enumerate(ended):
-            if isinstance(item, Broken):
-                self._completer.run(functools.partial(end_all, ended[at:]))
-                break
-            self._completer.run(item.end)
-        ended.clear()
-
-    def _end_after_help(self, ended: list[Ended], future: Future[Any]) -> None:
-        """End, on this thread, the batch of ``future`` (for which it waits); hand the
-        others over, so that none of them waits for this one's done callbacks."""
-        own: list[Ended] = []
-        rest: list[Ended] = []
-        for at, item in enumerate(ended):
-            if isinstance(item, Broken):
-                rest += ended[at:]
-                break
-            batch = item.batch
-            root = batch if batch.parent is None else batch.parent
-            (own if root.future is future else rest).append(item)
-        ended.clear()
-        if not rest:  # (a call's round trip: only its own batch)
-            end_all(own)
-            return
-        try:
-            self._hand_over(rest)
-        finally:
-            end_all(own)
-
-    def _lend(self) -> None:
-        """A thread that called ``submit`` while the dispatcher thread was parked sends the
-        work itself; if the caller waits for it next (``help``), it reads the outcome too."""
-        if not _interrupts.may_help_here():
-            self._wake()
-            return
-        held = _interrupts.hold_interrupts(self._wake_w)
-        ended: list[Ended] = []
-        try:
-            if not self._take_role():
-                self._wake()
-                return
-            try:
-                if self._parked and self._helper_error is None:
-                    self._assign()
-            except BaseException as exc:
-                self._helper_error = exc
-            finally:
-                ended = self._give_back()
-        finally:
-            try:
-                _interrupts.release_interrupts(held)
-            finally:
-                if ended:
-                    self._hand_over(ended)
-
-    def help(self, future: Future[Any], timeout: float | None) -> None:
-        """Run the dispatcher on this thread until ``future`` is done (see the module's doc),
-        if the dispatcher thread is parked."""
-        if self.runs_loop_here():
-            raise waits_for_itself("waiting for a call's future")
-        end = None if timeout is None else time.monotonic() + timeout
-        while self._parked and not future.done() and _interrupts.may_help_here():
-            if not self._help_once(future, end):
-                return
-            if end is not None and time.monotonic() >= end:
-                return
-
-    def _help_once(self, future: Future[Any], end: float | None) -> bool:
-        """Hold the role until ``future``'s batch, or another, has ended, then end them
-        (see ``_end_after_help``); True if it may help again (only others had ended)."""
-        held = _interrupts.hold_interrupts(self._wake_w)
-        ended: list[Ended] = []
-        again = False
-        try:
-            if not self._take_role():
-                return False
-            park_set = self._crew.park_set
-            by_fd = self._crew.by_fd
-            busy: list[int] = []
-            # A future can end on another thread (cancel(), shutdown(cancel_futures=True)):
-            # that thread must wake us out of poll(). On this thread the callback does nothing.
-            waker = _WakeHelper(self)
-            try:
-                if self._parked and self._helper_error is None:
-                    future.add_done_callback(waker)
-                    # The parked dispatcher must not wake for the answers we wait for.
-                    busy = [p.fd for p in self._crew.procs if p.jobs and p.fd in by_fd]
-                    for fd in busy:
-                        park_set.modify(fd, 0)
-                    while not self._serve_once(future, end):
-                        pass
-                    again = bool(self._ended)
-            except BaseException as exc:
-                # The dispatcher's state may be half-updated: the dispatcher thread ends
-                # the pool with this error, as it would end it with its own.
-                self._helper_error = exc
-                again = False
-            finally:
-                waker.backend = None
-                for fd in busy:
-                    if fd in by_fd:
-                        park_set.modify(fd, select.EPOLLIN)
-                ended = self._give_back()
-        finally:
-            try:
-                _interrupts.release_interrupts(held)
-            finally:
-                self._end_after_help(ended, future)
-        return again
 
     # -- the end ------------------------------------------------------------------------------
 
