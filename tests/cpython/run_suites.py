@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         for test in _iter_tests(loader.loadTestsFromTestCase(cls)):
             if _selected(test.id(), args.prefix, args.patterns):
                 suite.addTest(test)
+    # The suite lets go of each test once it has run; this name must not keep the last one
+    # (and what it holds, such as a multiprocessing.Queue) alive past the module's cleanup.
+    del test
     if args.list:
         for test in _iter_tests(suite):
             print(test.id())
