@@ -19,10 +19,10 @@ Data flow::
 
 The rooms: this module holds ``ProcessBackend``, its dispatcher thread and the loop;
 ``_role`` who holds the loop (the dispatcher role), when the dispatcher thread parks and who
-may take the role then; ``_schedule`` assigns jobs to workers and speaks the wire; ``_blame`` decides what a fault
-means for which call; ``_workers`` keeps the worker set; ``_start`` the start method;
-``_interrupts`` defers Ctrl-C while the main thread holds the role; ``_lifecycle`` holds the
-flags every thread reads; ``_completer`` the threads that end batches.
+may take the role then; ``_schedule`` assigns jobs to workers and speaks the wire; ``_blame``
+decides what a fault means for which call; ``_workers`` keeps the worker set; ``_start`` the
+start method; ``_interrupts`` defers Ctrl-C while the main thread holds the role; ``_lifecycle``
+holds the flags every thread reads; ``_completer`` the threads that end batches.
 
 The holder of the role never runs user code: no result is unpickled under it (a result's
 ``__setstate__`` could take its time, or never return), no batch finished (done callbacks,
