@@ -11,7 +11,8 @@ figures to compare are the ratios in their tables; the seconds drift with the ma
 
 What is printed: for every table row about conveyor, the row as REF measured it and as this
 tree measures it, then both runs' ``FLOOR`` lines. A case that this tree's script runs with a
-keyword REF does not know shows REF's error in its row.
+keyword REF does not know shows REF's error in its row; ``--ref-scripts`` runs REF's own copy
+of each script against REF instead (the cases may then differ too).
 """
 
 from __future__ import annotations
@@ -33,26 +34,26 @@ from run import SCRIPTS  # noqa: E402
 Rows = dict[tuple[str, str], str]
 
 
-def export_src(ref: str, into: Path) -> Path:
-    """Write REF's ``src/`` under ``into``; return the directory to put on ``PYTHONPATH``."""
+def export(ref: str, into: Path) -> Path:
+    """Write REF's ``src/`` and ``benchmarks/`` under ``into``; return ``into``."""
     archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "src"],
+        ["git", "archive", "--format=tar", ref, "src", "benchmarks"],
         cwd=ROOT,
         check=True,
         capture_output=True,
     ).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
-    return into / "src"
+    return into
 
 
-def run_script(script: str, src: Path) -> tuple[Rows, list[str], str]:
+def run_script(script: Path, src: Path) -> tuple[Rows, list[str], str]:
     """Run one benchmark script importing conveyor from ``src``; return its conveyor rows (by
     table heading and contender), its FLOOR lines and its whole output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), str(HERE)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), str(script.parent)]))
     proc = subprocess.run(
-        [sys.executable, "-u", str(HERE / script)],
-        cwd=HERE,
+        [sys.executable, "-u", str(script)],
+        cwd=script.parent,
         env=env,
         capture_output=True,
         text=True,
@@ -79,22 +80,25 @@ def main() -> int:
     parser.add_argument("ref", help="the commit to compare with (e.g. HEAD~5, a tag, a hash)")
     parser.add_argument("scripts", nargs="*", help=f"among {', '.join(SCRIPTS)} (default: all)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each side (default 1)")
+    parser.add_argument(
+        "--ref-scripts", action="store_true", help="run REF's own copy of each script for REF"
+    )
     args = parser.parse_args()
     chosen = args.scripts or list(SCRIPTS)
     unknown = [name for name in chosen if name not in SCRIPTS]
     if unknown:
         sys.exit(f"unknown benchmark {unknown[0]!r}; choose among {', '.join(SCRIPTS)}")
     with tempfile.TemporaryDirectory(prefix="conveyor-compare-") as tmp:
-        before = export_src(args.ref, Path(tmp))
-        now = ROOT / "src"
+        old = export(args.ref, Path(tmp))
         for name in chosen:
             script = SCRIPTS[name]
             print(f"\n##### {script}: {args.ref} (before) against this tree (now)", flush=True)
             results: dict[str, list[tuple[Rows, list[str]]]] = {"before": [], "now": []}
+            old_script = (old / "benchmarks" if args.ref_scripts else HERE) / script
             for round_ in range(args.rounds):
-                sides = [("before", before), ("now", now)]
-                for side, src in sides if round_ % 2 == 0 else sides[::-1]:
-                    rows, floors, _ = run_script(script, src)
+                sides = [("before", old_script, old / "src"), ("now", HERE / script, ROOT / "src")]
+                for side, path, src in sides if round_ % 2 == 0 else sides[::-1]:
+                    rows, floors, _ = run_script(path, src)
                     results[side].append((rows, floors))
             keys: list[tuple[str, str]] = []
             for side in ("now", "before"):
