@@ -210,6 +210,7 @@ class Pool(Executor):
     ) -> Future[R]:
         check_callable(fn)
         self._check_process()
+        fn = self._backend.prepare(fn)
         batch = Batch(self._ledger, fn, [args], kwargs or None, self._ledger.call_timeout)
         future: Future[R] = Future()
         if self._backend.helps:
@@ -361,7 +362,7 @@ class Pool(Executor):
         self._check_process()
         return map_results(
             self._ledger,
-            fn,
+            self._backend.prepare(fn),
             inputs,
             star=star,
             ordered=ordered,

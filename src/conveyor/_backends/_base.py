@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, ClassVar
 
+from .._coroutines import on_own_loop
+
 __all__ = [
     "Backend",
     "Batch",
@@ -259,6 +261,12 @@ class Backend(abc.ABC):
     def live_workers(self) -> int:
         """How many workers exist now (may be fewer than ``workers`` before they are needed)."""
         return self.workers
+
+    def prepare(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """What runs for ``fn`` on this backend, or ``TypeError`` if it cannot run here. By
+        default each call of a coroutine function runs to completion on an event loop of
+        its own (see ``conveyor._coroutines``)."""
+        return on_own_loop(fn)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         """Do the backend's work on the calling thread, which waits for ``future``, until the
