@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
+from ._async import PipelineResults
 from ._backends import lookup
 from ._checks import check_callable, check_count, check_timeout
+from ._coroutines import stage_backend
 from ._pipeline_stage import Buffer, Failed, Stage, StageSpec, StageStatistics
 from ._progress import Progress, length_of
 
@@ -173,7 +175,9 @@ class Pipeline(Generic[T]):
             fn: the function; on ``backend="process"`` it and the items must pickle
                 (lambdas and closures travel by value).
             workers: how many calls of this stage run at once.
-            backend: ``"thread"`` or ``"process"``, as for ``conveyor.Pool``.
+            backend: ``"thread"``, ``"process"`` or ``"asyncio"``, as for ``conveyor.Pool``;
+                a coroutine function (``async def``) runs on ``"asyncio"`` unless another
+                is named, with ``workers`` calls in flight.
             ordered: True: results in input order, through a reorder window no larger than
                 ``buffer``; False: in the order they complete.
             rate: the most calls this stage starts per unit of time, shared by its workers:
@@ -342,6 +346,7 @@ class Pipeline(Generic[T]):
         check_callable(fn)
         check_count("workers", workers, 1, allow_none=False)
         lookup(backend)
+        backend = stage_backend(fn, backend)  # a coroutine function runs on "asyncio"
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, got {ordered!r}")
         per_second = _parse_rate(rate)
@@ -378,16 +383,7 @@ class Pipeline(Generic[T]):
     # -- running ------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[T]:
-        if self._closed and not self._started:
-            raise RuntimeError("this Pipeline was closed before it ran")
-        if self._started:
-            raise RuntimeError(
-                "this Pipeline has already run: a Pipeline can be iterated once; "
-                "build a new one to run again"
-            )
-        self._started = True
-        run = _PipelineRun(self._source, self._specs, self._collect)
-        self._run = run
+        run = self._start()
         results = _results(run)
         # A generator that never started runs no ``finally`` when it is collected; this does.
         weakref.finalize(results, run.stop, False)
@@ -396,6 +392,34 @@ class Pipeline(Generic[T]):
             total = self._source_length if one_to_one else None
             return _with_progress(results, Progress(total, label="pipeline"))
         return results
+
+    def __aiter__(self) -> PipelineResults[T]:
+        """Iterate with ``async for``: the outputs are awaited, never blocking the event loop;
+        ``aclose()`` on the iterator stops every stage and awaits their end. (No progress
+        line here.)
+
+        Example:
+            >>> import asyncio, conveyor
+            >>> async def double(x):
+            ...     return 2 * x
+            >>> async def main():
+            ...     return [y async for y in conveyor.Pipeline(range(3)).map(double, workers=5)]
+            >>> asyncio.run(main())
+            [0, 2, 4]
+        """
+        return PipelineResults(self._start())
+
+    def _start(self) -> _PipelineRun:
+        if self._closed and not self._started:
+            raise RuntimeError("this Pipeline was closed before it ran")
+        if self._started:
+            raise RuntimeError(
+                "this Pipeline has already run: a Pipeline can be iterated once; "
+                "build a new one to run again"
+            )
+        self._started = True
+        self._run = _PipelineRun(self._source, self._specs, self._collect)
+        return self._run
 
     def run(self) -> PipelineSummary:
         """Drain the pipeline and return a summary; the pipeline is closed afterwards.

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._backends._base import Batch
+from ._coroutines import stage_step
 from ._pool import Pool
 
 __all__ = ["Buffer", "Failed", "Stage", "StageSpec", "StageStatistics"]
@@ -312,7 +313,7 @@ class Stage:
         self._collect = collect
         self._fail = fail
         self._cond = inbox.cond  # guards the records below, shared with the inbox
-        self._step = STEPS[spec.kind](spec.fn)
+        self._step = stage_step(spec.kind, spec.fn, spec.backend, STEPS, _Pass, _DROPPED)
         self._flat = spec.kind == "flat_map"
         self._scan_always = spec.kind in ("flat_map", "filter")
         self._pacer = None if spec.per_second is None else _Pacer(spec.per_second)

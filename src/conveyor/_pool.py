@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from ._backends import lookup
+from ._async import AsyncPoolMethods
 from ._backends._base import Backend, Batch, offer_help, waits_for_itself
 from ._checks import check_callable, check_count, check_exception_classes, check_timeout
 from ._ledger import Ledger
@@ -82,7 +83,7 @@ class _WeakCall:
             method(error)
 
 
-class Pool(Executor):
+class Pool(AsyncPoolMethods, Executor):
     """Run calls on a set of workers: threads, processes or another backend.
 
     ``Pool`` is a ``concurrent.futures.Executor`` (``submit`` returns a standard ``Future``,
