@@ -23,26 +23,50 @@ import functools
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._backends._base import Batch
 from ._checks import check_callable, check_count
 from ._errors import PoolFull
+from ._ledger import Ledger
 from ._map import _MapState
 
 if TYPE_CHECKING:
     import asyncio
 
+    from ._backends._base import Backend
     from ._pipeline import _PipelineRun
-    from ._pool import Pool
 
 __all__ = ["AsyncPoolMethods", "AsyncResults", "PipelineResults"]
 
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+class _Pool(Protocol):
+    """What of ``Pool`` the awaitable methods use."""
+
+    _ledger: Ledger
+    _backend: Backend
+
+    @property
+    def workers(self) -> int: ...
+
+    def _submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], block: bool
+    ) -> Future[Any]: ...
+
+    def _check_process(self) -> None: ...
+
+    def _halt(self) -> None: ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
+P = TypeVar("P", bound=_Pool)
 
 
 async def _in_thread(fn: Callable[[], T]) -> T:
@@ -80,11 +104,11 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 class AsyncPoolMethods:
     """The awaitable side of ``Pool`` (mixed into it): ``async with``, ``arun`` and ``amap``."""
 
-    async def __aenter__(self: Pool) -> Pool:
+    async def __aenter__(self: P) -> P:
         return self
 
     async def __aexit__(
-        self: Pool,
+        self: _Pool,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
@@ -103,7 +127,7 @@ class AsyncPoolMethods:
             self._halt()  # cancelled while waiting: stop now; the wait ends on its thread
             raise
 
-    async def arun(self: Pool, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def arun(self: _Pool, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on the pool and await its result, without blocking
         the event loop. A coroutine function runs on the asyncio backend as a task; on the
         thread and process backends each call runs on an event loop of its own.
@@ -130,7 +154,7 @@ class AsyncPoolMethods:
         return await asyncio.wrap_future(future)
 
     def amap(
-        self: Pool,
+        self: _Pool,
         fn: Callable[[Any], R],
         iterable: Iterable[Any] | AsyncIterable[Any],
         *,
@@ -172,7 +196,7 @@ class AsyncPoolMethods:
 
 
 async def _submit_off_loop(
-    pool: Pool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    pool: _Pool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[Any]:
     """Submit on another thread, which may wait for room at ``max_pending``; if the awaiting
     task is cancelled meanwhile, the call is cancelled once submitted."""
@@ -306,7 +330,7 @@ class AsyncResults(Generic[R]):
 
     def __init__(
         self,
-        pool: Pool,
+        pool: _Pool,
         fn: Callable[..., Any],
         inputs: Iterator[Any] | range | None,
         source: AsyncIterable[Any] | None,
@@ -461,4 +485,3 @@ class PipelineResults(Generic[T]):
         self._items.clear()
         self._finalizer.detach()
         await _in_thread(functools.partial(self._run.stop, wait=True))
-

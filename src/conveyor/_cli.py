@@ -105,12 +105,17 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     run.add_argument(
         "-b",
         "--backend",
-        choices=["thread", "process"],
-        default="thread",
-        help="threads for waiting (I/O), processes for computing (default: thread)",
+        choices=["thread", "process", "asyncio"],
+        default=None,
+        help="threads for waiting (I/O), processes for computing, asyncio for coroutine "
+        "functions (default: asyncio for an async def FUNCTION, else thread)",
     )
     run.add_argument(
-        "-j", "--workers", type=_positive_int, metavar="N", help="calls at once (default: pool's)"
+        "-j",
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="calls at once, in flight on asyncio (default: pool's)",
     )
     run.add_argument(
         "--timeout",

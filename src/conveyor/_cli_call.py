@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["encode_value"]
+__all__ = ["call_for", "encode_value"]
 
 
 class _Call:
@@ -32,23 +32,9 @@ class _Call:
 
     def __call__(self, arg: Any) -> str:
         try:
-            if not self.spread:
-                result = self.fn(arg)
-            elif type(arg) is list:
-                result = self.fn(*arg)
-            elif type(arg) is dict:
-                result = self.fn(**arg)
-            else:
-                result = self.fn(arg)
+            result = _invoke(self.fn, self.spread, arg)
         except Exception as exc:
-            tb = exc.__traceback__
-            frames = tb.tb_next if tb is not None else None  # leave out this frame
-            try:
-                exc._conveyor_traceback = "".join(  # type: ignore[attr-defined]
-                    traceback.format_exception(type(exc), exc, frames)
-                )
-            except Exception:
-                pass  # an exception type that refuses attributes keeps its own traceback
+            _attach_traceback(exc)
             raise
         return encode_value(result)
 
@@ -57,6 +43,58 @@ class _Call:
 
     def __setstate__(self, state: tuple[Callable[..., Any], bool]) -> None:
         self.fn, self.spread = state
+
+
+class _AsyncCall(_Call):
+    """``_Call`` for a coroutine function, awaited on the asyncio backend."""
+
+    __slots__ = ()
+
+    async def __call__(self, arg: Any) -> str:  # type: ignore[override]
+        try:
+            result = await _invoke(self.fn, self.spread, arg)
+        except Exception as exc:
+            _attach_traceback(exc)
+            raise
+        return encode_value(result)
+
+
+def _invoke(fn: Callable[..., Any], spread: bool, arg: Any) -> Any:
+    if not spread:
+        return fn(arg)
+    if type(arg) is list:
+        return fn(*arg)
+    if type(arg) is dict:
+        return fn(**arg)
+    return fn(arg)
+
+
+def _attach_traceback(exc: BaseException) -> None:
+    """Format ``exc``'s traceback without this module's frames, where it happened."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next  # leave out this module's frames
+    try:
+        exc._conveyor_traceback = "".join(  # type: ignore[attr-defined]
+            traceback.format_exception(type(exc), exc, tb)
+        )
+    except Exception:
+        pass  # an exception type that refuses attributes keeps its own traceback
+
+
+def call_for(fn: Callable[..., Any], backend: str | None, spread: bool) -> tuple[str, _Call]:
+    """The backend (``-b``, None when not given) and the call that run ``fn``: a coroutine
+    function runs on the asyncio backend unless another is named, where each call runs on
+    an event loop of its own; a plain function cannot run on the asyncio backend."""
+    from ._coroutines import is_coroutine_function, not_coroutine_error, on_own_loop
+
+    if is_coroutine_function(fn):
+        if backend in (None, "asyncio"):
+            return "asyncio", _AsyncCall(fn, spread)
+        return backend, _Call(on_own_loop(fn), spread)
+    if backend == "asyncio":
+        raise not_coroutine_error(fn, "FUNCTION")
+    return backend or "thread", _Call(fn, spread)
 
 
 def encode_value(value: object) -> str:

@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import FrameType
@@ -49,7 +49,7 @@ from ._cli import (
     _say,
     resolve,
 )
-from ._cli_call import _Call
+from ._cli_call import call_for
 from ._cli_io import (
     _count_lines,
     _Line,
@@ -109,7 +109,7 @@ class _RunLoop:
     def __init__(
         self,
         pool: Pool,
-        call: _Call,
+        call: Callable[[Any], Any],
         output: _Output,
         journal: Journal | None,
         progress: Progress | None,
@@ -420,13 +420,12 @@ def _run(args: argparse.Namespace) -> int:
             if journal is not None:
                 journal.set_output("", 0)
         try:
-            pool = Pool(args.backend, args.workers, timeout=args.timeout, retries=args.retries)
+            backend, call = call_for(fn, args.backend, args.json)
+            pool = Pool(backend, args.workers, timeout=args.timeout, retries=args.retries)
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         progress = Progress(total) if show_progress else None
-        run = _RunLoop(
-            pool, _Call(fn, args.json), output, journal, progress, args.ordered, args.json
-        )
+        run = _RunLoop(pool, call, output, journal, progress, args.ordered, args.json)
         return _drive(run, pool, lines, skipped)
     finally:
         if output is not None:

@@ -38,7 +38,7 @@ def is_coroutine_function(fn: object) -> bool:
     """
     if inspect.iscoroutinefunction(fn):
         return True
-    call = getattr(type(fn), "__call__", None)
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not the object's
     return call is not None and inspect.iscoroutinefunction(call)
 
 

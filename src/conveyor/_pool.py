@@ -15,8 +15,8 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from ._backends import lookup
 from ._async import AsyncPoolMethods
+from ._backends import lookup
 from ._backends._base import Backend, Batch, offer_help, waits_for_itself
 from ._checks import check_callable, check_count, check_exception_classes, check_timeout
 from ._ledger import Ledger

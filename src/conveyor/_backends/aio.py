@@ -34,7 +34,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 from .._coroutines import is_coroutine_function, not_coroutine_error
@@ -76,6 +76,9 @@ class AsyncioBackend(Backend):
     # Calls of a batch run side by side, so a batch lasts about as long as its slowest call
     # whatever its size: larger batches cost less to hand over between threads.
     batch_seconds = 0.02
+    # Not to help (the loop is this backend's alone), but so that a wait for a future on
+    # the loop's own thread, which would never end, raises instead (see ``help``).
+    helps = True
 
     def __init__(
         self,
@@ -101,6 +104,7 @@ class AsyncioBackend(Backend):
         self._running = 0  # calls whose task runs
         self._partial: _Run | None = None  # a begun batch with calls not started yet
         self._runs: set[_Run] = set()  # begun, not finished
+        self._closed = False  # the loop has stopped for good
         _live.add(self)
 
     @staticmethod
@@ -145,6 +149,15 @@ class AsyncioBackend(Backend):
                 thread.join()
         _live.discard(self)
 
+    def help(self, future: Future[Any], timeout: float | None) -> None:
+        if self.runs_loop_here() and not future.done():
+            raise RuntimeError(
+                "waiting for a call's result on the asyncio pool's own event loop thread (in "
+                "one of its calls, or in a done callback of one of its futures) would wait "
+                "for ever: only that thread can run the call. Await it instead (await "
+                "asyncio.wrap_future(future)), or chain it with add_done_callback"
+            )
+
     def busy(self) -> int:
         return self._running
 
@@ -181,6 +194,7 @@ class AsyncioBackend(Backend):
                 return
             loop.run_forever()
         finally:
+            self._closed = True  # a late _stop_when_idle must not stop the clean-up below
             try:
                 _cancel_leftovers(loop)
             finally:
@@ -230,7 +244,7 @@ class AsyncioBackend(Backend):
                 future = batch.future
                 if future is not None:
                     # A running call, unlike a stdlib one, can still be cancelled.
-                    future.cancel = functools.partial(self._cancel_soon, run)  # type: ignore[method-assign]
+                    future.cancel = functools.partial(self._cancel_soon, run)
             index = run.next
             run.next += 1
             if run.next == len(run.batch):
@@ -257,7 +271,7 @@ class AsyncioBackend(Backend):
                     TaskTimeout(f"the call ran longer than its timeout of {batch.timeout:g} s"),
                 )
             else:
-                batch.fail(index, asyncio.CancelledError("the call's task was cancelled"))
+                batch.fail(index, CancelledError("the call's task was cancelled"))
         except BaseException as exc:
             batch.fail(index, exc)
         else:
@@ -302,11 +316,11 @@ class AsyncioBackend(Backend):
 
     def _stop_when_idle(self) -> None:
         """Once stopping: cancel every task if killing; stop the loop when nothing is left."""
-        if not self._stopping:
+        if not self._stopping or self._closed:
             return
         if self._killing:
-            for run in list(self._runs):
-                for task in run.tasks.values():
+            for begun in list(self._runs):
+                for task in begun.tasks.values():
                     task.cancel()
             run = self._partial
             if run is not None:
