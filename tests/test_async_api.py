@@ -320,8 +320,13 @@ def test_import_conveyor_does_not_import_asyncio() -> None:
     assert os.path.exists(conveyor.__file__)
 
 
-def test_the_event_loop_thread_never_helps_the_process_backend() -> None:
+def test_the_event_loop_thread_never_helps_the_process_backend(tmp_path: Path) -> None:
+    started, release = Channel(tmp_path / "started"), Channel(tmp_path / "release")
     helpers: list[int] = []
+
+    async def let_go() -> None:
+        await asyncio.to_thread(started.read_line)
+        release.release(1)
 
     async def main() -> int:
         async with conveyor.Pool("process", workers=2) as pool:
@@ -335,9 +340,14 @@ def test_the_event_loop_thread_never_helps_the_process_backend() -> None:
             results = [await pool.arun(identity, i) for i in range(20)]
             results += [y async for y in pool.amap(identity, range(20))]
             # A plain thread waiting with result() is offered to help: the recorder works.
-            await asyncio.to_thread(lambda: pool.submit(identity, 0).result(timeout=WAIT))
+            future = pool.submit(report_and_wait, started.path, release.path, 0)
+            await asyncio.gather(asyncio.to_thread(future.result, WAIT), let_go())
             assert results == list(range(20)) * 2
             return threading.get_ident()
 
-    loop_thread = asyncio.run(main())
+    try:
+        loop_thread = asyncio.run(main())
+    finally:
+        started.close()
+        release.close()
     assert helpers and loop_thread not in helpers
