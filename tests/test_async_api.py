@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -203,9 +202,7 @@ def test_cancelling_the_awaiting_task_cancels_a_queued_process_call(tmp_path: Pa
 
     async def main() -> None:
         async with conveyor.Pool("process", workers=1) as pool:
-            first = asyncio.create_task(
-                pool.arun(report_and_wait, started.path, release.path, 1)
-            )
+            first = asyncio.create_task(pool.arun(report_and_wait, started.path, release.path, 1))
             await asyncio.to_thread(started.read_line)
             queued = asyncio.create_task(pool.arun(identity, 2))
             await asyncio.sleep(0)  # one turn: the task runs up to its await, submitted

@@ -94,7 +94,7 @@ def test_a_timeout_cancels_the_coroutine_and_fails_only_its_call() -> None:
 
     with conveyor.Pool("asyncio", workers=4, timeout=0.2) as pool:
         futures = [pool.submit(slow_or_fast, x) for x in range(6)]
-        with pytest.raises(TaskTimeout, match="timeout of 0.2 s"):
+        with pytest.raises(TaskTimeout, match=r"timeout of 0\.2 s"):
             futures[3].result(timeout=WAIT)
         assert [f.result(timeout=WAIT) for i, f in enumerate(futures) if i != 3] == [0, 1, 2, 4, 5]
         stats = pool.statistics()
