@@ -394,14 +394,12 @@ class Pipeline(Generic[T]):
         return results
 
     def __aiter__(self) -> PipelineResults[T]:
-        """Iterate with ``async for``: the outputs are awaited, never blocking the event loop;
-        ``aclose()`` on the iterator stops every stage and awaits their end. (No progress
-        line here.)
+        """Iterate with ``async for``, never blocking the event loop (no progress line);
+        ``aclose()`` on the iterator stops every stage and awaits their end.
 
         Example:
             >>> import asyncio, conveyor
-            >>> async def double(x):
-            ...     return 2 * x
+            >>> async def double(x): return 2 * x
             >>> async def main():
             ...     return [y async for y in conveyor.Pipeline(range(3)).map(double, workers=5)]
             >>> asyncio.run(main())

@@ -92,9 +92,10 @@ class Pool(AsyncPoolMethods, Executor):
     ``apply_async``, ``close``/``join``/``terminate``).
 
     Args:
-        backend: ``"thread"`` (default; for IO-bound work) or ``"process"`` (CPU-bound work).
+        backend: ``"thread"`` (default; for IO-bound work), ``"process"`` (CPU-bound work)
+            or ``"asyncio"`` (coroutine functions, as tasks of the pool's own event loop).
         workers: how many calls run at once; None picks the backend's default (threads:
-            ``min(32, cpus + 4)``; processes: the CPUs this process may use).
+            ``min(32, cpus + 4)``; processes: the CPUs this process may use; asyncio: 100).
         max_pending: at most this many submitted calls wait for a worker; ``submit`` then
             blocks until there is room and ``submit_nowait`` raises ``PoolFull``.
         timeout: seconds each call may run. At the deadline the call fails with
