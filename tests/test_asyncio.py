@@ -318,3 +318,20 @@ def test_the_cli_refuses_a_plain_function_on_asyncio(tmp_path: Path) -> None:
     done = _conveyor(tmp_path, "amod:shout", "in.txt", "-b", "process", "-j", "1")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["output"] == "A"
+
+
+def test_map_over_an_endless_generator_is_lazy_and_bounded() -> None:
+    pulled = 0
+
+    def endless() -> Any:
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield pulled
+
+    with conveyor.Pool("asyncio", workers=4) as pool:
+        results = pool.map(double, endless(), buffersize=16)
+        assert [next(results) for _ in range(50)] == [2 * x for x in range(1, 51)]
+        results.close()  # type: ignore[attr-defined]
+        assert pool.statistics().cancelled <= 16
+    assert pulled <= 50 + 16

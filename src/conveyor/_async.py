@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ._backends._base import Backend
     from ._pipeline import _PipelineRun
 
-__all__ = ["AsyncPoolMethods", "AsyncResults", "PipelineResults"]
+__all__ = ["AsyncMapResults", "AsyncPoolMethods", "PipelineResults"]
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -160,7 +160,7 @@ class AsyncPoolMethods:
         *,
         ordered: bool = True,
         buffersize: int | None = None,
-    ) -> AsyncResults[R]:
+    ) -> AsyncMapResults[R]:
         """``fn`` over ``iterable`` (or an async iterable), for ``async for``: lazy and
         bounded as ``map`` is, results in input order (``ordered=False``: as they complete).
 
@@ -186,13 +186,13 @@ class AsyncPoolMethods:
         self._check_process()
         fn = self._backend.prepare(fn)
         if isinstance(iterable, AsyncIterable):
-            return AsyncResults(self, fn, None, iterable, ordered, buffersize)
+            return AsyncMapResults(self, fn, None, iterable, ordered, buffersize)
         if not isinstance(iterable, Iterable):
             raise TypeError(
                 f"amap() needs an iterable or an async iterable, got {type(iterable).__name__}"
             )
         inputs = iterable if type(iterable) is range else iter(iterable)
-        return AsyncResults(self, fn, inputs, None, ordered, buffersize)
+        return AsyncMapResults(self, fn, inputs, None, ordered, buffersize)
 
 
 async def _submit_off_loop(
@@ -325,7 +325,7 @@ class _AsyncMapState(_MapState):
             feed.room.set()
 
 
-class AsyncResults(Generic[R]):
+class AsyncMapResults(Generic[R]):
     """The results of ``Pool.amap``, for ``async for``; ``aclose()`` cancels what is left."""
 
     def __init__(
@@ -357,7 +357,7 @@ class AsyncResults(Generic[R]):
         self._failure: BaseException | None = None
         self._finalizer = weakref.finalize(self, _abandon, state, self._reader, loop)
 
-    def __aiter__(self) -> AsyncResults[R]:
+    def __aiter__(self) -> AsyncMapResults[R]:
         return self
 
     async def __anext__(self) -> R:
