@@ -4,6 +4,8 @@ its result as JSON text.
 A pickled ``_Call`` names this module, so every process worker imports it: it imports only
 the standard library's ``json`` and ``traceback``, never the command line, the run loop or
 the pool. It holds no state beyond the function it wraps, and any thread may call it.
+``_AsyncCall`` is its twin for a coroutine function on the asyncio backend (``call_for``
+picks the backend and the call).
 """
 
 from __future__ import annotations
