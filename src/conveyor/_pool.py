@@ -91,9 +91,12 @@ class Pool(Executor):
     ``apply_async``, ``close``/``join``/``terminate``).
 
     Args:
-        backend: ``"thread"`` (default; for IO-bound work) or ``"process"`` (CPU-bound work).
+        backend: ``"thread"`` (default; for IO-bound work), ``"process"`` (CPU-bound work)
+            or ``"auto"``: each function starts on threads, is measured, and moves to
+            processes if it computes while holding the GIL (see ``decisions()``).
         workers: how many calls run at once; None picks the backend's default (threads:
-            ``min(32, cpus + 4)``; processes: the CPUs this process may use).
+            ``min(32, cpus + 4)``; processes: the CPUs this process may use). With
+            ``"auto"``, the threads; its processes are ``min(workers, cpus)``.
         max_pending: at most this many submitted calls wait for a worker; ``submit`` then
             blocks until there is room and ``submit_nowait`` raises ``PoolFull``.
         timeout: seconds each call may run. At the deadline the call fails with
@@ -510,6 +513,20 @@ class Pool(Executor):
     def workers(self) -> int:
         """The number of calls that may run at once."""
         return self._workers
+
+    def decisions(self) -> dict[str, str]:
+        """With ``backend="auto"``: where each function runs, and why, in figures (empty on
+        other backends). A function is named by its qualified name (with its module when two
+        share it).
+
+        Example:
+            >>> import conveyor, time
+            >>> with conveyor.Pool("auto", 4) as pool:
+            ...     _ = list(pool.map(time.sleep, [0.01] * 8))
+            ...     print(pool.decisions()["sleep"])  # doctest: +ELLIPSIS
+            thread (CPU ...% of wall: it waits (IO, a lock, a sleep))
+        """
+        return self._backend.decisions()
 
     def statistics(self) -> PoolStatistics:
         """An immutable snapshot of the pool's counters.

@@ -12,6 +12,7 @@ __all__ = ["BACKENDS", "lookup"]
 BACKENDS = {
     "thread": "thread:ThreadBackend",
     "process": "process:ProcessBackend",
+    "auto": "auto:AutoBackend",
 }
 
 

@@ -265,6 +265,10 @@ class Backend(abc.ABC):
         future is done or ``timeout`` seconds have passed; return at once if it cannot."""
         return None
 
+    def decisions(self) -> dict[str, str]:
+        """Where the backend runs each function, and why (only a backend that chooses)."""
+        return {}
+
     def in_worker(self) -> bool:
         """Whether the calling thread is one of this backend's workers (running a call)."""
         return False
