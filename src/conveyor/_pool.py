@@ -155,21 +155,22 @@ class Pool(Executor):
         if initializer is not None:
             check_callable(initializer, "initializer")
         retry_classes = check_exception_classes("retry_on", retry_on)
-        self._workers = workers if workers is not None else backend_cls.default_workers()
         self._ledger = ledger = Ledger(
             retries=retries,
             retry_on=retry_classes,
             max_pending=max_pending,
-            workers=self._workers,
+            workers=workers or 1,  # (the backend's count, once it is made)
             call_timeout=timeout,
         )
+        # The backend picks the default count itself: one on a cluster asks the cluster.
         self._backend: Backend = backend_cls(
-            self._workers,
+            workers,
             _WeakCall(ledger.broke),
             initializer=initializer,
             initargs=tuple(initargs),
             **options,
         )
+        self._workers = ledger.workers = self._backend.workers
         ledger.backend = self._backend
         # A pool dropped without shutdown still stops its workers.
         self._pid = os.getpid()  # a forked child cannot use the pool (see _forked_away)

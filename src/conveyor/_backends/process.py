@@ -188,7 +188,7 @@ class ProcessBackend(Blame, Backend):
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         on_broken: Callable[[BaseException], None],
         *,
         initializer: Callable[..., object] | None = None,
@@ -197,6 +197,7 @@ class ProcessBackend(Blame, Backend):
         max_tasks_per_worker: int | None = None,
     ) -> None:
         super().__init__(workers, on_broken)
+        workers = self.workers  # (None: the default count, picked by the base class)
         if max_tasks_per_worker is not None and (
             isinstance(max_tasks_per_worker, bool)
             or not isinstance(max_tasks_per_worker, int)
