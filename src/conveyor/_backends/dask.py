@@ -10,13 +10,12 @@ Data flow::
                               |                                                   "start"
             Dask future done (Dask's callback thread) --"done"--> inbox <-----------+
                                                                     ^
-            future.cancel(), forget(), shutdown() ------"cancel"/"wake"-+
+            shutdown() -----------------------------------------"wake"-+
                               |
             the collector thread (this backend's only thread) reads the inbox in order:
               start:    batch.begin() (QUEUED -> RUNNING), deadline armed
               done:     results gathered; batch.begin() if the start report was lost;
                         batch.finish() --> Pool
-              cancel:   the Dask task is cancelled, the ledger told through begin()
               deadline: TaskTimeout; the Dask task is cancelled and its running call abandoned
 
 Why a start report: ``batch.begin()`` must wait until a worker really runs the batch (see
@@ -36,11 +35,15 @@ rerun is abandoned.
 Threads and state: ``_tasks`` (token -> ``_Task``), ``_stopping`` and each task's ``started``
 flag are guarded by ``_lock``; submit, drain and forget run on any thread, everything else
 on the collector. Nothing runs on Dask's event loop but putting a message in the inbox.
+``future.cancel()``, ``drain()`` and ``forget()`` cancel the Dask tasks of the batches they
+take on the calling thread, before they return. A batch that started on a worker just before
+(its start report on the way) is cancelled all the same, and its call abandoned.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import heapq
 import itertools
 import os
@@ -95,8 +98,10 @@ def _run_calls(
     star: bool,
 ) -> tuple[list[Any], dict[int, BaseException] | None, float]:
     """Report the start, then run every call: (values, errors by index, seconds)."""
+    # Through the worker's client, which waits for the scheduler's answer: once a call
+    # runs, its start is on record, and reaches the pool before news of the worker's death.
     worker = distributed.get_worker()
-    worker.log_event(topic, [token, worker.address])
+    distributed.get_client().log_event(topic, [token, worker.address])
     values: list[Any] = [None] * len(args)
     errors: dict[int, BaseException] = {}
     kw = kwargs or {}
@@ -130,30 +135,46 @@ class _Initializer(distributed.WorkerPlugin):  # type: ignore[misc]
 class _Task:
     """One batch handed to Dask."""
 
-    __slots__ = ("batch", "future", "running", "started", "token", "worker")
+    __slots__ = ("batch", "future", "handed", "running", "started", "token", "worker")
 
     def __init__(self, batch: Batch, token: int) -> None:
         self.batch = batch
         self.token = token
-        self.future: distributed.Future | None = None
+        self.future: distributed.Future | None = None  # once handed to Dask
+        self.handed = False  # counted in the backend's ``_handed`` (lock held)
         self.started = False  # a start report came (guarded by the backend's lock)
         self.running = False  # begun in the ledger (the collector's own)
         self.worker = ""
 
 
 class _Put:
-    """A callback that puts ``(kind, token)`` in the inbox; holds nothing else."""
+    """A Dask future's done callback: puts ``("done", token)`` in the inbox."""
 
-    __slots__ = ("inbox", "kind", "token")
+    __slots__ = ("inbox", "token")
 
-    def __init__(self, inbox: queue.SimpleQueue[tuple[Any, ...]], kind: str, token: int) -> None:
+    def __init__(self, inbox: queue.SimpleQueue[tuple[Any, ...]], token: int) -> None:
         self.inbox = inbox
-        self.kind = kind
         self.token = token
 
     def __call__(self, future: Any) -> None:
-        if self.kind == "done" or future.cancelled():
-            self.inbox.put((self.kind, self.token))
+        self.inbox.put(("done", self.token))
+
+
+class _OnCancel:
+    """A pool future's done callback: once ``future.cancel()`` succeeded, the Dask task is
+    cancelled before ``cancel()`` returns (on the caller's thread), so that it cannot start
+    after the caller was told it would not."""
+
+    __slots__ = ("backend", "token")
+
+    def __init__(self, backend: weakref.ref[DaskBackend], token: int) -> None:
+        self.backend = backend
+        self.token = token
+
+    def __call__(self, future: Any) -> None:
+        backend = self.backend()
+        if backend is not None and future.cancelled():
+            backend._cancelled(self.token)
 
 
 class _OnStart:
@@ -233,6 +254,9 @@ class DaskBackend(Backend):
         self._lock = threading.Lock()
         self._tasks: dict[int, _Task] = {}
         self._by_batch: dict[int, int] = {}  # id(batch) -> token, for forget()
+        # Batches wait here until a worker thread is free for them (see the module's doc).
+        self._waiting: collections.deque[_Task] = collections.deque()
+        self._handed = 0  # tasks in Dask's hands (not yet done or dropped)
         self._tokens = itertools.count()
         self._stopping = False
         self._killing = False
@@ -262,12 +286,32 @@ class DaskBackend(Backend):
                 task = _Task(batch, token)
                 self._tasks[token] = task
                 self._by_batch[id(batch)] = token
+                self._waiting.append(task)
         if refused:
             batch.reject()
             return
         if self._init_error is not None:
             error, self._init_error = self._init_error, None
             self._on_broken(error)
+        if batch.future is not None:
+            batch.future.add_done_callback(_OnCancel(weakref.ref(self), token))
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand waiting batches to Dask while fewer than ``workers`` are there."""
+        while True:
+            with self._lock:
+                if self._handed >= self.workers or not self._waiting or self._killing:
+                    return
+                task = self._waiting.popleft()
+                if task.token not in self._tasks:
+                    continue  # dropped while it waited
+                task.handed = True
+                self._handed += 1
+            self._send(task)
+
+    def _send(self, task: _Task) -> None:
+        batch, token = task.batch, task.token
         try:
             future = self._client.submit(
                 _run_calls,
@@ -289,17 +333,14 @@ class DaskBackend(Backend):
         if dropped:
             self._cancel_now([future])
             return
-        future.add_done_callback(_Put(self._inbox, "done", token))
-        if batch.future is not None:
-            batch.future.add_done_callback(_Put(self._inbox, "cancel", token))
+        future.add_done_callback(_Put(self._inbox, token))
 
     def _unsendable(self, task: _Task, error: Exception) -> None:
         """The batch could not even be handed to Dask (its function or arguments do not
         pickle): its calls fail with ``PicklingFailed``, one by one if there are several."""
         with self._lock:
-            if self._tasks.pop(task.token, None) is None:
+            if self._pop(task.token) is None:
                 return
-            self._by_batch.pop(id(task.batch), None)
         batch = task.batch
         if batch.begin():
             failure = _cannot_cross(error, unpickling=False)
@@ -313,9 +354,10 @@ class DaskBackend(Backend):
         with self._lock:
             taken = [task for task in self._tasks.values() if not task.started]
             for task in taken:
-                del self._tasks[task.token]
-                self._by_batch.pop(id(task.batch), None)
+                self._pop(task.token)
+            self._waiting.clear()
         self._cancel_now([t.future for t in taken if t.future is not None])
+        self._pump()
         return [task.batch for task in taken]
 
     def forget(self, batches: list[Batch]) -> None:
@@ -325,9 +367,10 @@ class DaskBackend(Backend):
                 token = self._by_batch.pop(id(batch), None)
                 task = None if token is None else self._tasks.get(token)
                 if task is not None and not task.started:
-                    del self._tasks[task.token]
+                    self._pop(task.token)
                     gone.append(task)
         self._cancel_now([t.future for t in gone if t.future is not None])
+        self._pump()
 
     def shutdown(self, wait: bool, kill: bool = False) -> None:
         with self._lock:
@@ -341,12 +384,28 @@ class DaskBackend(Backend):
     def busy(self) -> int:
         return self._busy
 
+    def _cancelled(self, token: int) -> None:
+        """The future of a submitted call was cancelled (so its batch had not begun)."""
+        with self._lock:
+            task = self._tasks.get(token)
+            if task is None or task.started:
+                return  # ended, drained, or starting: begin() will see the cancel
+            self._pop(token)
+        if task.future is not None:
+            self._cancel_now([task.future])
+        self._pump()
+        task.batch.begin()  # False: the ledger counts the call cancelled
+
     def _cancel_now(self, futures: list[distributed.Future]) -> None:
         if futures:
             try:
                 self._client.cancel(futures)
             except Exception:
                 pass  # the client is closing: its tasks go with it
+            # The cancel may reach the scheduler before the task itself (they travel apart);
+            # the release follows the task on the same stream, and drops it wherever it is.
+            for future in futures:
+                future.release()
 
     # -- the collector thread ----------------------------------------------------------------
 
@@ -372,6 +431,7 @@ class DaskBackend(Backend):
                 if self._cancels:
                     cancels, self._cancels = self._cancels, []
                     self._cancel_now(cancels)
+                self._pump()
                 if self._killing:
                     self._kill_all()
                 with self._lock:
@@ -394,22 +454,14 @@ class DaskBackend(Backend):
                 task = self._pop(message[1])
             if task is not None:
                 self._ended(task, finished)
-        elif kind == "cancel":
-            with self._lock:
-                task = self._tasks.get(message[1])
-                if task is None or task.started:
-                    return
-                self._pop(task.token)
-            if task.future is not None:
-                self._cancels.append(task.future)
-            if task.batch.begin():  # (cannot be: the future was cancelled while PENDING)
-                self._end_all(task, NotRun())
 
     def _pop(self, token: int) -> _Task | None:
-        """Forget a task (lock held)."""
+        """Forget a task (lock held); one still waiting is skipped by ``_pump``."""
         task = self._tasks.pop(token, None)
         if task is not None:
             self._by_batch.pop(id(task.batch), None)
+            if task.handed:
+                self._handed -= 1
         return task
 
     def _started(self, token: int, worker: str) -> None:
@@ -464,10 +516,8 @@ class DaskBackend(Backend):
     def _task_failed(self, task: _Task, error: BaseException) -> None:
         batch = task.batch
         if isinstance(error, KilledWorker):
-            # Own cluster: a worker holds only the tasks it runs. Elsewhere: a batch not known
-            # to have started ran nowhere, unless it is a rerun already (its report lost).
-            ran = task.started or self._cluster is not None or batch.parent is not None
-            self._end_all(task, _crashed(task.worker) if ran else NotRun())
+            # A worker holds tasks it has not started yet: those never ran, and run elsewhere.
+            self._end_all(task, _crashed(task.worker) if task.started else NotRun())
         elif len(batch) > 1:
             # Its result could not be read whole (or its arguments on the worker): each call
             # runs again alone, so that only the one at fault fails.
@@ -550,6 +600,8 @@ class DaskBackend(Backend):
             tasks = list(self._tasks.values())
             self._tasks.clear()
             self._by_batch.clear()
+            self._waiting.clear()
+            self._handed = 0
         self._cancel_now([t.future for t in tasks if t.future is not None])
         for task in tasks:
             self._end_all(task, NotRun())
@@ -593,7 +645,8 @@ def _local_cluster(workers: int) -> distributed.LocalCluster:
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
-            scheduler_kwargs={"allowed_failures": 0},
+            # No dashboard; its HTTP server (always started) on a free port of this host.
+            scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
         )
 
 
@@ -610,4 +663,3 @@ def _cannot_cross(error: BaseException, *, unpickling: bool) -> BaseException:
     failure = cls(f"the call's {what} could not cross to or from the Dask worker: {error}")
     failure.__cause__ = error
     return failure
-
