@@ -32,8 +32,6 @@ from _process_funcs import (
 
 distributed = pytest.importorskip("distributed")
 
-import dask  # noqa: E402
-
 import conveyor  # noqa: E402
 
 WAIT = 60.0
@@ -42,14 +40,13 @@ WAIT = 60.0
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     """A cluster of two one-thread worker processes, set up as a pool's own would be."""
-    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
-        cluster = distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
-        )
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
+    )
     client = distributed.Client(cluster, set_as_default=False)
     # Dask's own helper threads (its callback thread, say) start on first use and live as
     # long as the interpreter: started here, before any test counts threads.
@@ -201,6 +198,41 @@ def test_address_connects_and_closes_only_its_own_connection(client: Any) -> Non
         assert pool.workers == 2
         assert list(pool.map(double, range(10))) == [2 * x for x in range(10)]
     assert client.submit(double, 3, pure=False).result(timeout=WAIT) == 6
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("this object refuses to be pickled")
+
+
+def unpicklable_at(x: int, bad: int) -> Any:
+    return Unpicklable() if x == bad else x
+
+
+def refuse(*_: Any) -> None:
+    raise ValueError("this initializer fails")
+
+
+def test_what_cannot_cross_fails_only_its_own_call(client: Any) -> None:
+    with conveyor.Pool(backend="dask", client=client) as pool:
+        with pytest.raises(conveyor.PicklingFailed):
+            pool.submit(double, Unpicklable()).result(timeout=WAIT)
+        with pytest.raises(conveyor.PicklingFailed):
+            pool.submit(unpicklable_at, 3, 3).result(timeout=WAIT)
+        # In a batch of six, the one result that cannot travel fails alone.
+        results = pool.map(unpicklable_at, range(6), [3] * 6, chunksize=6)
+        assert [next(results) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(conveyor.PicklingFailed):
+            next(results)
+        assert pool.statistics().completed == 5
+
+
+def test_a_failing_initializer_breaks_the_pool(client: Any) -> None:
+    pool = conveyor.Pool(backend="dask", client=client, initializer=refuse)
+    with pytest.raises(conveyor.InitializerFailed):
+        pool.submit(double, 2).result(timeout=WAIT)
+    pool.shutdown()
+    assert client.submit(double, 2, pure=False).result(timeout=WAIT) == 4
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -2,42 +2,48 @@
 
 Data flow::
 
-    Pool --submit(batch)--> client.submit(_run_calls, ...)    one Dask task per batch, pure=False
-                              |                                (only fn and args travel)
-            scheduler ---> a worker thread runs _run_calls:
-                              log_event(topic, [token, worker])  --scheduler--> client's loop
-                              each call in turn; values, errors by index, elapsed   |
-                              |                                                   "start"
-            Dask future done (Dask's callback thread) --"done"--> inbox <-----------+
-                                                                    ^
-            shutdown() -----------------------------------------"wake"-+
-                              |
+    Pool --submit(batch)--> waiting (deque) --_pump: while fewer than ``workers`` tasks are
+                              |                 in Dask's hands-->  client.submit(run_calls)
+                              |                 one Dask task per batch, pure=False; only
+                              v                 fn, args, kwargs travel (never the Batch)
+            scheduler ---> a worker thread runs run_calls:
+                              client.log_event(topic, [token, worker])  (awaited)
+                              each call in turn: values, errors by index, elapsed
+                                 |                                    |
+            start report (Dask's event loop)       Dask future done (Dask's callback thread)
+                                 +----------> inbox <-----------------+     ("start"/"done")
+                                                |
             the collector thread (this backend's only thread) reads the inbox in order:
               start:    batch.begin() (QUEUED -> RUNNING), deadline armed
-              done:     results gathered; batch.begin() if the start report was lost;
-                        batch.finish() --> Pool
-              deadline: TaskTimeout; the Dask task is cancelled and its running call abandoned
+              done:     results gathered; batch.begin() if no start report came;
+                        batch.finish() --> Pool; the next waiting batch handed to Dask
+              deadline: TaskTimeout; the Dask task is cancelled, its running call abandoned
+
+Why batches wait on this side: Dask sends a task to a worker as soon as it is submitted, where
+it waits for a thread; a cancel travels after it, and the task may start first. Holding each
+batch here until a thread is free for it (``workers`` tasks at most in Dask's hands) makes
+``cancel()``, ``shutdown(cancel_futures=True)`` and a map left early certain: what waits here
+never reaches Dask. It also bounds what a map puts on the scheduler, whatever its window.
 
 Why a start report: ``batch.begin()`` must wait until a worker really runs the batch (see
 ``_base``), and a Dask future says only pending or done. The task reports its start through
-Dask's event log before running the calls. That report travels apart from the result and can
-be lost (a worker that dies within milliseconds of starting), so a batch whose outcome comes
-first is begun then.
+the worker's client, and waits for the scheduler's answer before it runs a call: a batch that
+runs is on record, and its report reaches this side before news of its worker's death does.
 
-A worker that dies: the pool's own cluster runs with ``allowed_failures=0`` (the task erred
-with ``KilledWorker``, never rerun by Dask) and ``worker-saturation=1.0`` (a worker holds only
-the tasks it runs), so the calls of the batch it ran fail with ``WorkerCrashed``; the pool
-reruns them only under ``retries``. On a cluster of the user's, a batch killed before its
-start report came is rerun once as never started (``NotRun``); a second start report from
-another worker (Dask ran a lost task again) fails the batch with ``WorkerCrashed`` and the
-rerun is abandoned.
+A worker that dies: Dask fails its tasks with ``KilledWorker`` once ``allowed_failures`` is
+used up. The pool's own cluster runs with ``allowed_failures=0``, so Dask never runs a lost
+task again by itself: a batch that reported its start fails with ``WorkerCrashed`` (the pool
+runs it again only under ``retries``), one that did not never ran (``NotRun``) and runs
+elsewhere. On a cluster of the user's (``client=``, ``address=``) the scheduler's setting
+holds (start it with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``); a second start
+report from another worker (Dask ran a lost task again) fails the batch with
+``WorkerCrashed`` at once and abandons the rerun.
 
-Threads and state: ``_tasks`` (token -> ``_Task``), ``_stopping`` and each task's ``started``
-flag are guarded by ``_lock``; submit, drain and forget run on any thread, everything else
-on the collector. Nothing runs on Dask's event loop but putting a message in the inbox.
-``future.cancel()``, ``drain()`` and ``forget()`` cancel the Dask tasks of the batches they
-take on the calling thread, before they return. A batch that started on a worker just before
-(its start report on the way) is cancelled all the same, and its call abandoned.
+Threads and state: ``_tasks`` (token -> ``_Task``), ``_waiting``, ``_handed``, ``_stopping``
+and each task's ``started`` flag are guarded by ``_lock``; submit, drain, forget and a
+future's cancel run on any thread and cancel the Dask tasks they take before they return;
+everything else runs on the collector. Nothing runs on Dask's event loop but putting a
+message in the inbox, and no batch is finished there.
 """
 
 from __future__ import annotations
@@ -52,11 +58,10 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 try:
-    import dask
     import distributed
     from distributed.scheduler import KilledWorker
 except ImportError as exc:  # pragma: no cover - checked by a test in a bare environment
@@ -64,8 +69,16 @@ except ImportError as exc:  # pragma: no cover - checked by a test in a bare env
         "backend='dask' needs Dask's distributed package: pip install 'conveyor[dask]'"
     ) from exc
 
-from .._errors import PicklingFailed, TaskTimeout, UnpicklingFailed, WorkerCrashed
-from ._base import Backend, Batch, NotRun, RunAlone, log_initializer_failure
+from .._errors import TaskTimeout
+from ._base import Backend, Batch, NotRun, RunAlone
+from ._dask_cluster import (
+    Initializer,
+    cannot_cross,
+    crashed,
+    drop_topic,
+    local_cluster,
+    run_calls,
+)
 
 __all__ = ["DaskBackend"]
 
@@ -84,49 +97,6 @@ def _cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
-
-
-# -- what runs on the workers ----------------------------------------------------------------
-
-
-def _run_calls(
-    topic: str,
-    token: int,
-    fn: Callable[..., Any],
-    args: Sequence[Any],
-    kwargs: dict[str, Any] | None,
-    star: bool,
-) -> tuple[list[Any], dict[int, BaseException] | None, float]:
-    """Report the start, then run every call: (values, errors by index, seconds)."""
-    # Through the worker's client, which waits for the scheduler's answer: once a call
-    # runs, its start is on record, and reaches the pool before news of the worker's death.
-    worker = distributed.get_worker()
-    distributed.get_client().log_event(topic, [token, worker.address])
-    values: list[Any] = [None] * len(args)
-    errors: dict[int, BaseException] = {}
-    kw = kwargs or {}
-    start = time.perf_counter()
-    for index, arg in enumerate(args):
-        try:
-            values[index] = fn(*arg, **kw) if star else fn(arg, **kw)
-        except BaseException as exc:
-            errors[index] = exc
-    return values, errors or None, time.perf_counter() - start
-
-
-class _Initializer(distributed.WorkerPlugin):  # type: ignore[misc]
-    """Runs the pool's ``initializer(*initargs)`` once in each worker, as it joins."""
-
-    def __init__(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
-        self.fn = fn
-        self.args = args
-
-    def setup(self, worker: distributed.Worker) -> None:
-        try:
-            self.fn(*self.args)
-        except BaseException:
-            log_initializer_failure()
-            raise
 
 
 # -- what the client side keeps ----------------------------------------------------------------
@@ -226,7 +196,7 @@ class DaskBackend(Backend):
         elif address is not None:
             self._client = distributed.Client(address, set_as_default=False)
         else:
-            self._cluster = _local_cluster(workers or _cpu_count())
+            self._cluster = local_cluster(workers or _cpu_count())
             try:
                 self._client = distributed.Client(self._cluster, set_as_default=False)
             except BaseException:
@@ -242,7 +212,7 @@ class DaskBackend(Backend):
                 self._plugin = f"conveyor-init-{self._uid}"
                 try:
                     self._client.register_plugin(
-                        _Initializer(initializer, initargs), name=self._plugin
+                        Initializer(initializer, initargs), name=self._plugin
                     )
                 except Exception as exc:
                     self._init_error = exc
@@ -314,7 +284,7 @@ class DaskBackend(Backend):
         batch, token = task.batch, task.token
         try:
             future = self._client.submit(
-                _run_calls,
+                run_calls,
                 self._topic,
                 token,
                 batch.fn,
@@ -343,7 +313,7 @@ class DaskBackend(Backend):
                 return
         batch = task.batch
         if batch.begin():
-            failure = _cannot_cross(error, unpickling=False)
+            failure = cannot_cross(error, unpickling=False)
             # Several calls: each is sent again alone, so that only those at fault fail.
             outcome = RunAlone(failure) if len(batch) > 1 else failure
             for index in range(len(batch)):
@@ -481,7 +451,7 @@ class DaskBackend(Backend):
             # Dask lost the task with its worker and ran it again: no second run unasked.
             assert task.future is not None
             self._cancels.append(task.future)
-            self._end_all(task, _crashed(task.worker))
+            self._end_all(task, crashed(task.worker))
             return
         batch = task.batch
         if batch.begin():
@@ -517,13 +487,13 @@ class DaskBackend(Backend):
         batch = task.batch
         if isinstance(error, KilledWorker):
             # A worker holds tasks it has not started yet: those never ran, and run elsewhere.
-            self._end_all(task, _crashed(task.worker) if task.started else NotRun())
+            self._end_all(task, crashed(task.worker) if task.started else NotRun())
         elif len(batch) > 1:
             # Its result could not be read whole (or its arguments on the worker): each call
             # runs again alone, so that only the one at fault fails.
-            self._end_all(task, RunAlone(_cannot_cross(error, unpickling=True)))
+            self._end_all(task, RunAlone(cannot_cross(error, unpickling=True)))
         else:
-            self._end_all(task, _cannot_cross(error, unpickling=True))
+            self._end_all(task, cannot_cross(error, unpickling=True))
 
     def _end_all(self, task: _Task, error: BaseException) -> None:
         """End every call of ``task``'s batch with ``error``."""
@@ -624,42 +594,6 @@ class DaskBackend(Backend):
                 self._cluster.close()
         else:
             try:  # the scheduler keeps every topic's last events: drop ours
-                client.run_on_scheduler(_drop_topic, topic=self._topic)
+                client.run_on_scheduler(drop_topic, topic=self._topic)
             except Exception:
                 pass
-
-
-def _drop_topic(dask_scheduler: Any, topic: str) -> None:
-    """(On the scheduler.) Forget the events of ``topic``, once its pool is closed."""
-    topics = getattr(getattr(dask_scheduler, "_broker", None), "_topics", None)
-    if isinstance(topics, dict):
-        topics.pop(topic, None)
-
-
-def _local_cluster(workers: int) -> distributed.LocalCluster:
-    """The pool's own cluster: ``workers`` processes of one thread, no dashboard; Dask never
-    reruns a task whose worker died, and gives a worker only the tasks it can run now."""
-    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
-        return distributed.LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            # No dashboard; its HTTP server (always started) on a free port of this host.
-            scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
-        )
-
-
-def _crashed(worker: str) -> WorkerCrashed:
-    where = f"the Dask worker {worker}" if worker else "a Dask worker"
-    return WorkerCrashed(
-        f"{where} running this call died (its process exited, was killed or ran out of memory)"
-    )
-
-
-def _cannot_cross(error: BaseException, *, unpickling: bool) -> BaseException:
-    what = "function, arguments or result" if unpickling else "function or arguments"
-    cls = UnpicklingFailed if unpickling and "deserializ" in str(error) else PicklingFailed
-    failure = cls(f"the call's {what} could not cross to or from the Dask worker: {error}")
-    failure.__cause__ = error
-    return failure
