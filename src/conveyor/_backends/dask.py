@@ -62,6 +62,7 @@ from collections.abc import Callable
 from typing import Any
 
 try:
+    import dask
     import distributed
     from distributed.scheduler import KilledWorker
 except ImportError as exc:  # pragma: no cover - checked by a test in a bare environment
@@ -83,6 +84,9 @@ from ._dask_cluster import (
 __all__ = ["DaskBackend"]
 
 _live: weakref.WeakSet[DaskBackend] = weakref.WeakSet()
+
+#: Messages that Dask keeps per connection, on the connections a pool opens (see __init__).
+KEEP_MESSAGES = 16
 
 
 def _stop_all_at_exit() -> None:
@@ -193,15 +197,20 @@ class DaskBackend(Backend):
         self._own_client = client is None
         if client is not None:
             self._client = client
-        elif address is not None:
-            self._client = distributed.Client(address, set_as_default=False)
         else:
-            self._cluster = local_cluster(workers or _cpu_count())
-            try:
-                self._client = distributed.Client(self._cluster, set_as_default=False)
-            except BaseException:
-                self._cluster.close()
-                raise
+            # Dask keeps the last messages of each connection for debugging (1000 by
+            # default), and a batch's message holds its arguments: a map's client memory
+            # would grow by 1000 batches. The connections this pool opens keep a few.
+            with dask.config.set({"distributed.admin.low-level-log-length": KEEP_MESSAGES}):
+                if address is not None:
+                    self._client = distributed.Client(address, set_as_default=False)
+                else:
+                    self._cluster = local_cluster(workers or _cpu_count())
+                    try:
+                        self._client = distributed.Client(self._cluster, set_as_default=False)
+                    except BaseException:
+                        self._cluster.close()
+                        raise
         self._uid = uuid.uuid4().hex[:12]
         self._topic = f"conveyor-start-{self._uid}"
         self._plugin = ""
