@@ -91,9 +91,12 @@ class Pool(Executor):
     ``apply_async``, ``close``/``join``/``terminate``).
 
     Args:
-        backend: ``"thread"`` (default; for IO-bound work) or ``"process"`` (CPU-bound work).
+        backend: ``"thread"`` (default; for IO-bound work), ``"process"`` (CPU-bound work),
+            ``"dask"`` (a Dask cluster; needs ``pip install 'conveyor[dask]'``), or the name
+            of a backend another package declares (entry-point group ``conveyor.backends``).
         workers: how many calls run at once; None picks the backend's default (threads:
-            ``min(32, cpus + 4)``; processes: the CPUs this process may use).
+            ``min(32, cpus + 4)``; processes: the CPUs this process may use; dask: the
+            cluster's threads, or the CPUs for the pool's own cluster).
         max_pending: at most this many submitted calls wait for a worker; ``submit`` then
             blocks until there is room and ``submit_nowait`` raises ``PoolFull``.
         timeout: seconds each call may run. At the deadline the call fails with
@@ -109,6 +112,10 @@ class Pool(Executor):
         mp_context: (process backend) a ``multiprocessing`` context choosing the start
             method; by default ``forkserver`` where available, else ``spawn``.
         max_tasks_per_worker: (process backend) replace a worker after this many calls.
+        client, address: (dask backend) a ``distributed.Client`` to use (never closed by
+            the pool), or a scheduler's address to connect to (``"tcp://host:8786"``);
+            with neither, the pool starts a ``LocalCluster`` of its own and closes it at
+            shutdown. A dask call past its ``timeout`` is abandoned, as on threads.
 
     Behaviour on faults (process backend): a worker that dies fails only the call it was
     running, with ``WorkerCrashed``; the pool replaces it and goes on. Calls of the same
