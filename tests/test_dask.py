@@ -265,9 +265,10 @@ def test_without_distributed_the_error_says_what_to_install() -> None:
 # -- faults, on a pool's own cluster ------------------------------------------------------------
 
 
-def test_own_cluster_faults_stay_local_and_leave_no_process(
-    tmp_path: Path, started: Channel, release: Channel
-) -> None:
+# (These tests take the module's client only so that Dask's helper threads exist already.)
+
+
+def test_own_cluster_faults_stay_local_and_leave_no_process(client: Any, started: Channel) -> None:
     before = _children()
     with conveyor.Pool(backend="dask", workers=2) as pool:
         assert len(_children() - before) >= 2  # its own worker processes
@@ -288,7 +289,19 @@ def test_own_cluster_faults_stay_local_and_leave_no_process(
     assert not (_children() - before)  # the cluster is closed: no worker, no nanny
 
 
-def test_a_crash_runs_again_only_under_retries(tmp_path: Path) -> None:
+def test_own_cluster_stops_a_call_past_its_timeout(client: Any, started: Channel) -> None:
+    before = _children()
+    with conveyor.Pool(backend="dask", workers=1, timeout=0.5) as pool:
+        hung = pool.submit(report_and_hang, started.path)
+        worker = psutil.Process(started.read_pids(1)[0])
+        with pytest.raises(conveyor.TaskTimeout, match="stopped"):
+            hung.result(timeout=WAIT)
+        worker.wait(timeout=WAIT)  # its process was stopped, not left running the call
+        assert pool.submit(double, 3).result(timeout=WAIT) == 6  # on a new worker process
+    assert not (_children() - before)  # the cluster is closed: no worker, no nanny
+
+
+def test_a_crash_runs_again_only_under_retries(client: Any, tmp_path: Path) -> None:
     with conveyor.Pool(backend="dask", workers=1, retries=1) as pool:
         marker = str(tmp_path / "crashed")
         assert pool.submit(double_or_crash_once, 5, 5, marker).result(timeout=WAIT) == 10

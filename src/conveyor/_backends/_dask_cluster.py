@@ -8,6 +8,7 @@ cluster; ``crashed`` and ``cannot_cross`` turn Dask's errors into conveyor's.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ def run_calls(
     # Through the worker's client, which waits for the scheduler's answer: once a call
     # runs, its start is on record, and reaches the pool before news of the worker's death.
     worker = distributed.get_worker()
-    distributed.get_client().log_event(topic, [token, worker.address])
+    distributed.get_client().log_event(topic, [token, worker.address, os.getpid()])
     values: list[Any] = [None] * len(args)
     errors: dict[int, BaseException] = {}
     kw = kwargs or {}

@@ -17,7 +17,8 @@ Data flow::
               start:    batch.begin() (QUEUED -> RUNNING), deadline armed
               done:     results gathered; batch.begin() if no start report came;
                         batch.finish() --> Pool; the next waiting batch handed to Dask
-              deadline: TaskTimeout; the Dask task is cancelled, its running call abandoned
+              deadline: TaskTimeout; the Dask task is cancelled; on the pool's own cluster
+                        the worker process is stopped, elsewhere the call is abandoned
 
 Why batches wait on this side: Dask sends a task to a worker as soon as it is submitted, where
 it waits for a thread; a cancel travels after it, and the task may start first. Holding each
@@ -53,7 +54,9 @@ import collections
 import heapq
 import itertools
 import os
+import pickle
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -109,7 +112,7 @@ def _cpu_count() -> int:
 class _Task:
     """One batch handed to Dask."""
 
-    __slots__ = ("batch", "future", "handed", "running", "started", "token", "worker")
+    __slots__ = ("batch", "future", "handed", "pid", "running", "started", "token", "worker")
 
     def __init__(self, batch: Batch, token: int) -> None:
         self.batch = batch
@@ -118,7 +121,8 @@ class _Task:
         self.handed = False  # counted in the backend's ``_handed`` (lock held)
         self.started = False  # a start report came (guarded by the backend's lock)
         self.running = False  # begun in the ledger (the collector's own)
-        self.worker = ""
+        self.worker = ""  # the address of the worker that reported the start
+        self.pid = 0  # and its process (on the pool's own cluster: a child of ours)
 
 
 class _Put:
@@ -160,8 +164,8 @@ class _OnStart:
         self.inbox = inbox
 
     def __call__(self, event: tuple[float, Any]) -> None:
-        token, worker = event[1]
-        self.inbox.put(("start", token, worker))
+        token, worker, pid = event[1]
+        self.inbox.put(("start", token, worker, pid))
 
 
 class DaskBackend(Backend):
@@ -322,7 +326,9 @@ class DaskBackend(Backend):
                 return
         batch = task.batch
         if batch.begin():
-            failure = cannot_cross(error, unpickling=False)
+            failure: BaseException = error  # the client is closed, say
+            if isinstance(error, (TypeError, pickle.PicklingError)):
+                failure = cannot_cross(error, unpickling=False)
             # Several calls: each is sent again alone, so that only those at fault fail.
             outcome = RunAlone(failure) if len(batch) > 1 else failure
             for index in range(len(batch)):
@@ -427,7 +433,7 @@ class DaskBackend(Backend):
     def _handle(self, message: tuple[Any, ...], finished: list[_Task]) -> None:
         kind = message[0]
         if kind == "start":
-            self._started(message[1], message[2])
+            self._started(message[1], message[2], message[3])
         elif kind == "done":
             with self._lock:
                 task = self._pop(message[1])
@@ -443,7 +449,7 @@ class DaskBackend(Backend):
                 self._handed -= 1
         return task
 
-    def _started(self, token: int, worker: str) -> None:
+    def _started(self, token: int, worker: str, pid: int) -> None:
         with self._lock:
             task = self._tasks.get(token)
             if task is None:
@@ -456,6 +462,7 @@ class DaskBackend(Backend):
             else:
                 task.started = True
                 task.worker = worker
+                task.pid = pid
         if rerun:
             # Dask lost the task with its worker and ran it again: no second run unasked.
             assert task.future is not None
@@ -561,12 +568,19 @@ class DaskBackend(Backend):
             assert task.future is not None and batch.timeout is not None
             self._cancels.append(task.future)
             self._begin_late(task)
+            if self._cluster is not None and task.pid:
+                # The pool's own worker processes run one call each: stopping the process
+                # stops only this call (its nanny starts another). Elsewhere it runs on.
+                how = "its worker process was stopped"
+                try:
+                    os.kill(task.pid, signal.SIGKILL)
+                except OSError:
+                    how = "its worker could not be stopped; the call is abandoned"
+            else:
+                how = "Dask cannot stop a running call: it is abandoned"
             batch.fail(
                 0,
-                TaskTimeout(
-                    f"the call ran longer than its timeout of {batch.timeout:g} s (its Dask "
-                    "task was cancelled; a running call cannot be stopped, and is abandoned)"
-                ),
+                TaskTimeout(f"the call ran longer than its timeout of {batch.timeout:g} s ({how})"),
             )
             for later in range(1, len(batch)):
                 batch.fail(later, NotRun())
