@@ -1,24 +1,40 @@
-"""What the Dask backend puts on the cluster, and what it makes of the cluster's faults.
+"""What the Dask backend puts on the cluster, what it hears from it, and what it makes of
+the cluster's faults.
 
 ``_run_calls`` is the task of one batch and ``_Initializer`` the plugin that runs a pool's
 initializer on each worker; workers import this module by name (conveyor must be installed
 where they run, as for any function a Dask task calls). ``local_cluster`` starts a pool's own
-cluster; ``crashed`` and ``cannot_cross`` turn Dask's errors into conveyor's.
+cluster; ``crashed`` and ``cannot_cross`` turn Dask's errors into conveyor's. ``Task`` is the
+pool's record of one batch handed to Dask, and ``PutDone``, ``OnStart`` and ``OnCancel`` the
+callbacks that bring Dask's news to the backend (see ``dask``).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import distributed
 
 from .._errors import PicklingFailed, UnpicklingFailed, WorkerCrashed
-from ._base import log_initializer_failure
+from ._base import Batch, log_initializer_failure
 
-__all__ = ["Initializer", "cannot_cross", "crashed", "drop_topic", "local_cluster", "run_calls"]
+__all__ = [
+    "Initializer",
+    "OnCancel",
+    "OnStart",
+    "PutDone",
+    "Task",
+    "cannot_cross",
+    "crashed",
+    "drop_topic",
+    "local_cluster",
+    "run_calls",
+]
 
 
 def run_calls(
@@ -94,3 +110,62 @@ def cannot_cross(error: BaseException, *, unpickling: bool) -> BaseException:
     failure = cls(f"the call's {what} could not cross to or from the Dask worker: {error}")
     failure.__cause__ = error
     return failure
+
+
+class Task:
+    """One batch handed to Dask."""
+
+    __slots__ = ("batch", "future", "handed", "pid", "running", "started", "token", "worker")
+
+    def __init__(self, batch: Batch, token: int) -> None:
+        self.batch = batch
+        self.token = token
+        self.future: distributed.Future | None = None  # once handed to Dask
+        self.handed = False  # counted in the backend's ``_handed`` (lock held)
+        self.started = False  # a start report came (guarded by the backend's lock)
+        self.running = False  # begun in the ledger (the collector's own)
+        self.worker = ""  # the address of the worker that reported the start
+        self.pid = 0  # and its process (on the pool's own cluster: a child of ours)
+
+
+class PutDone:
+    """A Dask future's done callback: puts ``("done", token)`` in the inbox."""
+
+    __slots__ = ("inbox", "token")
+
+    def __init__(self, inbox: queue.SimpleQueue[tuple[Any, ...]], token: int) -> None:
+        self.inbox = inbox
+        self.token = token
+
+    def __call__(self, future: Any) -> None:
+        self.inbox.put(("done", self.token))
+
+
+class OnCancel:
+    """A pool future's done callback: once ``future.cancel()`` succeeded, the Dask task is
+    cancelled before ``cancel()`` returns (on the caller's thread), so that it cannot start
+    after the caller was told it would not."""
+
+    __slots__ = ("backend", "token")
+
+    def __init__(self, backend: weakref.ref[Any], token: int) -> None:
+        self.backend = backend
+        self.token = token
+
+    def __call__(self, future: Any) -> None:
+        backend = self.backend()
+        if backend is not None and future.cancelled():
+            backend._cancelled(self.token)
+
+
+class OnStart:
+    """The handler of the pool's event topic (run on Dask's event loop: it only queues)."""
+
+    __slots__ = ("inbox",)
+
+    def __init__(self, inbox: queue.SimpleQueue[tuple[Any, ...]]) -> None:
+        self.inbox = inbox
+
+    def __call__(self, event: tuple[float, Any]) -> None:
+        token, worker, pid = event[1]
+        self.inbox.put(("start", token, worker, pid))

@@ -40,7 +40,7 @@ holds (start it with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``); a sec
 report from another worker (Dask ran a lost task again) fails the batch with
 ``WorkerCrashed`` at once and abandons the rerun.
 
-Threads and state: ``_tasks`` (token -> ``_Task``), ``_waiting``, ``_handed``, ``_stopping``
+Threads and state: ``_tasks`` (token -> ``Task``), ``_waiting``, ``_handed``, ``_stopping``
 and each task's ``started`` flag are guarded by ``_lock``; submit, drain, forget and a
 future's cancel run on any thread and cancel the Dask tasks they take before they return;
 everything else runs on the collector. Nothing runs on Dask's event loop but putting a
@@ -77,6 +77,10 @@ from .._errors import TaskTimeout
 from ._base import Backend, Batch, NotRun, RunAlone
 from ._dask_cluster import (
     Initializer,
+    OnCancel,
+    OnStart,
+    PutDone,
+    Task,
     cannot_cross,
     crashed,
     drop_topic,
@@ -104,68 +108,6 @@ def _cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
-
-
-# -- what the client side keeps ----------------------------------------------------------------
-
-
-class _Task:
-    """One batch handed to Dask."""
-
-    __slots__ = ("batch", "future", "handed", "pid", "running", "started", "token", "worker")
-
-    def __init__(self, batch: Batch, token: int) -> None:
-        self.batch = batch
-        self.token = token
-        self.future: distributed.Future | None = None  # once handed to Dask
-        self.handed = False  # counted in the backend's ``_handed`` (lock held)
-        self.started = False  # a start report came (guarded by the backend's lock)
-        self.running = False  # begun in the ledger (the collector's own)
-        self.worker = ""  # the address of the worker that reported the start
-        self.pid = 0  # and its process (on the pool's own cluster: a child of ours)
-
-
-class _Put:
-    """A Dask future's done callback: puts ``("done", token)`` in the inbox."""
-
-    __slots__ = ("inbox", "token")
-
-    def __init__(self, inbox: queue.SimpleQueue[tuple[Any, ...]], token: int) -> None:
-        self.inbox = inbox
-        self.token = token
-
-    def __call__(self, future: Any) -> None:
-        self.inbox.put(("done", self.token))
-
-
-class _OnCancel:
-    """A pool future's done callback: once ``future.cancel()`` succeeded, the Dask task is
-    cancelled before ``cancel()`` returns (on the caller's thread), so that it cannot start
-    after the caller was told it would not."""
-
-    __slots__ = ("backend", "token")
-
-    def __init__(self, backend: weakref.ref[DaskBackend], token: int) -> None:
-        self.backend = backend
-        self.token = token
-
-    def __call__(self, future: Any) -> None:
-        backend = self.backend()
-        if backend is not None and future.cancelled():
-            backend._cancelled(self.token)
-
-
-class _OnStart:
-    """The handler of the pool's event topic (run on Dask's event loop: it only queues)."""
-
-    __slots__ = ("inbox",)
-
-    def __init__(self, inbox: queue.SimpleQueue[tuple[Any, ...]]) -> None:
-        self.inbox = inbox
-
-    def __call__(self, event: tuple[float, Any]) -> None:
-        token, worker, pid = event[1]
-        self.inbox.put(("start", token, worker, pid))
 
 
 class DaskBackend(Backend):
@@ -233,12 +175,12 @@ class DaskBackend(Backend):
             self._close()
             raise
         self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._client.subscribe_topic(self._topic, _OnStart(self._inbox))
+        self._client.subscribe_topic(self._topic, OnStart(self._inbox))
         self._lock = threading.Lock()
-        self._tasks: dict[int, _Task] = {}
+        self._tasks: dict[int, Task] = {}
         self._by_batch: dict[int, int] = {}  # id(batch) -> token, for forget()
         # Batches wait here until a worker thread is free for them (see the module's doc).
-        self._waiting: collections.deque[_Task] = collections.deque()
+        self._waiting: collections.deque[Task] = collections.deque()
         self._handed = 0  # tasks in Dask's hands (not yet done or dropped)
         self._tokens = itertools.count()
         self._stopping = False
@@ -266,7 +208,7 @@ class DaskBackend(Backend):
             refused = self._stopping
             if not refused:
                 token = next(self._tokens)
-                task = _Task(batch, token)
+                task = Task(batch, token)
                 self._tasks[token] = task
                 self._by_batch[id(batch)] = token
                 self._waiting.append(task)
@@ -277,7 +219,7 @@ class DaskBackend(Backend):
             error, self._init_error = self._init_error, None
             self._on_broken(error)
         if batch.future is not None:
-            batch.future.add_done_callback(_OnCancel(weakref.ref(self), token))
+            batch.future.add_done_callback(OnCancel(weakref.ref(self), token))
         self._pump()
 
     def _pump(self) -> None:
@@ -293,7 +235,7 @@ class DaskBackend(Backend):
                 self._handed += 1
             self._send(task)
 
-    def _send(self, task: _Task) -> None:
+    def _send(self, task: Task) -> None:
         batch, token = task.batch, task.token
         try:
             future = self._client.submit(
@@ -316,9 +258,9 @@ class DaskBackend(Backend):
         if dropped:
             self._cancel_now([future])
             return
-        future.add_done_callback(_Put(self._inbox, token))
+        future.add_done_callback(PutDone(self._inbox, token))
 
-    def _unsendable(self, task: _Task, error: Exception) -> None:
+    def _unsendable(self, task: Task, error: Exception) -> None:
         """The batch could not even be handed to Dask (its function or arguments do not
         pickle): its calls fail with ``PicklingFailed``, one by one if there are several."""
         with self._lock:
@@ -403,7 +345,7 @@ class DaskBackend(Backend):
                     message = inbox.get(timeout=self._until_deadline())
                 except queue.Empty:
                     message = None
-                finished: list[_Task] = []
+                finished: list[Task] = []
                 while message is not None:
                     self._handle(message, finished)
                     try:
@@ -430,7 +372,7 @@ class DaskBackend(Backend):
             return None
         return max(0.0, self._deadlines[0][0] - time.monotonic())
 
-    def _handle(self, message: tuple[Any, ...], finished: list[_Task]) -> None:
+    def _handle(self, message: tuple[Any, ...], finished: list[Task]) -> None:
         kind = message[0]
         if kind == "start":
             self._started(message[1], message[2], message[3])
@@ -440,7 +382,7 @@ class DaskBackend(Backend):
             if task is not None:
                 self._ended(task, finished)
 
-    def _pop(self, token: int) -> _Task | None:
+    def _pop(self, token: int) -> Task | None:
         """Forget a task (lock held); one still waiting is skipped by ``_pump``."""
         task = self._tasks.pop(token, None)
         if task is not None:
@@ -481,7 +423,7 @@ class DaskBackend(Backend):
             assert task.future is not None
             self._cancels.append(task.future)
 
-    def _ended(self, task: _Task, finished: list[_Task]) -> None:
+    def _ended(self, task: Task, finished: list[Task]) -> None:
         """The Dask task of ``task`` (already forgotten) is done, erred or cancelled."""
         future = task.future
         assert future is not None
@@ -499,7 +441,7 @@ class DaskBackend(Backend):
             )
         self._task_failed(task, error)
 
-    def _task_failed(self, task: _Task, error: BaseException) -> None:
+    def _task_failed(self, task: Task, error: BaseException) -> None:
         batch = task.batch
         if isinstance(error, KilledWorker):
             # A worker holds tasks it has not started yet: those never ran, and run elsewhere.
@@ -511,7 +453,7 @@ class DaskBackend(Backend):
         else:
             self._end_all(task, cannot_cross(error, unpickling=True))
 
-    def _end_all(self, task: _Task, error: BaseException) -> None:
+    def _end_all(self, task: Task, error: BaseException) -> None:
         """End every call of ``task``'s batch with ``error``."""
         batch = task.batch
         if not self._begin_late(task):
@@ -520,7 +462,7 @@ class DaskBackend(Backend):
             batch.fail(index, error)
         batch.finish()
 
-    def _begin_late(self, task: _Task) -> bool:
+    def _begin_late(self, task: Task) -> bool:
         """Begin a batch whose start report never came; count it out of ``busy``."""
         if task.running:
             task.running = False
@@ -528,7 +470,7 @@ class DaskBackend(Backend):
             return True
         return task.batch.begin()
 
-    def _gather(self, tasks: list[_Task]) -> None:
+    def _gather(self, tasks: list[Task]) -> None:
         futures = [task.future for task in tasks]
         try:
             outcomes: list[Any] | None = self._client.gather(futures)
