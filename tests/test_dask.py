@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -162,6 +163,25 @@ def test_shutdown_cancel_futures_and_a_map_left_early(
     assert stats.completed + stats.cancelled == stats.submitted
     with pytest.raises(AssertionError):  # the calls not started never started
         started.read_line(timeout=0.5)
+
+
+def test_a_done_callback_may_wait_for_the_same_pool(
+    client: Any, started: Channel, release: Channel
+) -> None:
+    inner: list[int] = []
+    called = threading.Event()
+
+    def callback(_: Any) -> None:
+        inner.append(pool.submit(double, 2).result(timeout=WAIT))
+        called.set()
+
+    with conveyor.Pool(backend="dask", client=client) as pool:
+        first = pool.submit(report_and_wait, started.path, release.path, 1)
+        first.add_done_callback(callback)
+        started.read_pids(1)
+        release.release(1)
+        assert called.wait(WAIT)
+    assert inner == [4]
 
 
 def test_a_call_past_its_timeout_fails_and_the_pool_goes_on(

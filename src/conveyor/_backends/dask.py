@@ -16,7 +16,8 @@ Data flow::
             the collector thread (this backend's only thread) reads the inbox in order:
               start:    batch.begin() (QUEUED -> RUNNING), deadline armed
               done:     results gathered; batch.begin() if no start report came;
-                        batch.finish() --> Pool; the next waiting batch handed to Dask
+                        batch.finish() on a completer thread (_completer) --> Pool;
+                        the next waiting batch handed to Dask
               deadline: TaskTimeout; the Dask task is cancelled; on the pool's own cluster
                         the worker process is stopped, elsewhere the call is abandoned
 
@@ -44,7 +45,8 @@ Threads and state: ``_tasks`` (token -> ``Task``), ``_waiting``, ``_handed``, ``
 and each task's ``started`` flag are guarded by ``_lock``; submit, drain, forget and a
 future's cancel run on any thread and cancel the Dask tasks they take before they return;
 everything else runs on the collector. Nothing runs on Dask's event loop but putting a
-message in the inbox, and no batch is finished there.
+message in the inbox, and the collector runs no user code: batches end on the completer's
+threads (as the process backend's do), so a done callback may wait for the same pool.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ except ImportError as exc:  # pragma: no cover - checked by a test in a bare env
 
 from .._errors import TaskTimeout
 from ._base import Backend, Batch, NotRun, RunAlone
+from ._completer import Completer
 from ._dask_cluster import (
     Initializer,
     OnCancel,
@@ -188,6 +191,9 @@ class DaskBackend(Backend):
         self._busy = 0
         self._deadlines: list[tuple[float, int]] = []  # (monotonic deadline, token)
         self._cancels: list[distributed.Future] = []  # Dask tasks to cancel, collector's
+        # Where batches end (done callbacks, map sinks): never on the collector, so that a
+        # slow callback delays only its own call, and a callback may wait for this pool.
+        self._completer = Completer(f"conveyor-dask-completer-{self._uid}")
         self._thread = threading.Thread(
             target=self._collect, name=f"conveyor-dask-{self._uid}", daemon=True
         )
@@ -275,7 +281,7 @@ class DaskBackend(Backend):
             outcome = RunAlone(failure) if len(batch) > 1 else failure
             for index in range(len(batch)):
                 batch.fail(index, outcome)
-            batch.finish()
+            self._completer.run(batch.finish)  # (_pump runs on the collector too)
 
     def drain(self) -> list[Batch]:
         with self._lock:
@@ -306,6 +312,7 @@ class DaskBackend(Backend):
         self._inbox.put(("wake",))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
+            self._completer.join()  # (stopped by the collector as it exited)
         _live.discard(self)
 
     def busy(self) -> int:
@@ -365,6 +372,7 @@ class DaskBackend(Backend):
                     if self._stopping and not self._tasks:
                         break
         finally:
+            self._completer.stop()
             self._close()
 
     def _until_deadline(self) -> float | None:
@@ -460,7 +468,7 @@ class DaskBackend(Backend):
             return
         for index in range(len(batch)):
             batch.fail(index, error)
-        batch.finish()
+        self._completer.run(batch.finish)
 
     def _begin_late(self, task: Task) -> bool:
         """Begin a batch whose start report never came; count it out of ``busy``."""
@@ -495,7 +503,7 @@ class DaskBackend(Backend):
             if errors:
                 for place, error in errors.items():
                     batch.fail(place, error)
-            batch.finish()
+            self._completer.run(batch.finish)
 
     def _expire(self) -> None:
         """Fail the calls whose deadline has passed; their Dask tasks are cancelled."""
@@ -526,7 +534,7 @@ class DaskBackend(Backend):
             )
             for later in range(1, len(batch)):
                 batch.fail(later, NotRun())
-            batch.finish()
+            self._completer.run(batch.finish)
 
     def _kill_all(self) -> None:
         """``terminate()``: end every task now, as calls that never ran (the running ones
