@@ -34,7 +34,9 @@ The contract, for every backend:
 * ``shutdown(wait)`` lets workers finish what they run and stops them; after ``wait=True`` no
   thread or process of the backend is left.
 * ``finish()`` is never called on a thread that runs the backend's own loop (or an engine's
-  event loop): done callbacks run there, and may wait for other calls of the same pool.
+  event loop): done callbacks run there, and may wait for other calls of the same pool. A
+  backend whose outcomes arrive on one thread of its own hands ``finish`` to a
+  ``_completer.Completer`` (as the process and dask backends do).
 * A backend that ``helps`` is offered the thread that waits for a call's future
   (``help(future, timeout)``): it may do its own work on that thread meanwhile, so that the
   call's outcome is read where it is awaited instead of being handed over from another thread.
