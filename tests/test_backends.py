@@ -3,6 +3,8 @@ entry-point group ``conveyor.backends``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -59,3 +61,9 @@ def test_the_built_in_backends_are_declared_too() -> None:
     for name, target in _backends.BACKENDS.items():
         module, cls = target.split(":")
         assert declared.get(name) == f"conveyor._backends.{module}:{cls}"
+
+
+def test_importing_conveyor_imports_no_engine() -> None:
+    code = "import sys, conveyor; print(sorted({'dask', 'distributed'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
