@@ -79,7 +79,8 @@ exit status:
 examples:
   seq 25 34 | conveyor run conveyor.examples:fib -b process
   conveyor run mymodule:fetch urls.txt -j 32 --timeout 10 --retries 2 -o pages.jsonl
-  conveyor run mymodule:fetch urls.txt -o pages.jsonl --journal pages.journal --resume"""
+  conveyor run mymodule:fetch urls.txt -o pages.jsonl --journal pages.journal --resume
+  conveyor run mymodule:work inputs.txt -b dask --scheduler tcp://10.0.0.5:8786"""
 
 
 def _parser() -> tuple[_Parser, dict[str, _Parser]]:
@@ -105,9 +106,16 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     run.add_argument(
         "-b",
         "--backend",
-        choices=["thread", "process"],
+        choices=["thread", "process", "dask"],
         default="thread",
-        help="threads for waiting (I/O), processes for computing (default: thread)",
+        help="threads for waiting (I/O), processes for computing, dask for a cluster "
+        "(default: thread)",
+    )
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with -b dask: the address of a running Dask scheduler, e.g. tcp://host:8786 "
+        "(default: start a local cluster of -j worker processes)",
     )
     run.add_argument(
         "-j", "--workers", type=_positive_int, metavar="N", help="calls at once (default: pool's)"

@@ -384,6 +384,8 @@ class _RunLoop:
 def _run(args: argparse.Namespace) -> int:
     if args.resume and not args.journal:
         raise UsageError("--resume needs --journal FILE (the journal of the run to resume)")
+    if args.scheduler is not None and args.backend != "dask":
+        raise UsageError("--scheduler ADDRESS is the address of a Dask scheduler: add -b dask")
     # As `python -m` does: modules in the current directory can be imported.
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -419,9 +421,12 @@ def _run(args: argparse.Namespace) -> int:
             output = _Output.stdout()
             if journal is not None:
                 journal.set_output("", 0)
+        options = {} if args.scheduler is None else {"address": args.scheduler}
         try:
-            pool = Pool(args.backend, args.workers, timeout=args.timeout, retries=args.retries)
-        except (TypeError, ValueError) as exc:
+            pool = Pool(
+                args.backend, args.workers, timeout=args.timeout, retries=args.retries, **options
+            )
+        except (TypeError, ValueError, ImportError, OSError) as exc:
             raise UsageError(str(exc)) from None
         progress = Progress(total) if show_progress else None
         run = _RunLoop(

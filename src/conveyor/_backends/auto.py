@@ -83,15 +83,13 @@ class _Host:
 
 class AutoBackend(Backend):
     name = "auto"
-    can_kill = False  # (a call placed on processes is killed at its deadline; on threads not)
-    needs_pickle = False
     batch_seconds = ThreadBackend.batch_seconds
     options = ThreadBackend.options | ProcessBackend.options
     helps = True
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         on_broken: Callable[[BaseException], None],
         *,
         initializer: Callable[..., object] | None = None,
@@ -103,7 +101,7 @@ class AutoBackend(Backend):
         super().__init__(workers, on_broken)
         check_options(mp_context, max_tasks_per_worker)
         self._threads = ThreadBackend(
-            workers,
+            self.workers,
             on_broken,
             initializer=initializer,
             initargs=initargs,
@@ -191,6 +189,19 @@ class AutoBackend(Backend):
             processes.shutdown(wait, kill)
         if wait and sampler is not None and sampler is not threading.current_thread():
             sampler.join()
+
+    def forget(self, batches: list[Batch]) -> None:
+        gone = {id(batch) for batch in batches}
+        with self._lock:
+            for verdict in self._verdicts.values():
+                if verdict.held:
+                    kept = [batch for batch in verdict.held if id(batch) not in gone]
+                    verdict.held.clear()
+                    verdict.held.extend(kept)
+            processes = self._processes
+        self._threads.forget(batches)
+        if processes is not None:
+            processes.forget(batches)
 
     def busy(self) -> int:
         processes = self._processes

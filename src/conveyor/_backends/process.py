@@ -147,15 +147,13 @@ def check_options(mp_context: BaseContext | None, max_tasks_per_worker: int | No
 
 class ProcessBackend(Role, Backend):
     name = "process"
-    can_kill = True
-    needs_pickle = True
     helps = True
     batch_seconds = 0.005
     options = frozenset({"mp_context", "max_tasks_per_worker"})
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         on_broken: Callable[[BaseException], None],
         *,
         initializer: Callable[..., object] | None = None,
@@ -164,6 +162,7 @@ class ProcessBackend(Role, Backend):
         max_tasks_per_worker: int | None = None,
     ) -> None:
         super().__init__(workers, on_broken)
+        workers = self.workers  # (None: the default count, picked by the base class)
         context = check_options(mp_context, max_tasks_per_worker)
         preload_worker(context)
         self._max_tasks = max_tasks_per_worker
