@@ -106,10 +106,11 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     run.add_argument(
         "-b",
         "--backend",
-        choices=["thread", "process", "dask"],
-        default="thread",
-        help="threads for waiting (I/O), processes for computing, dask for a cluster "
-        "(default: thread)",
+        choices=["auto", "thread", "process", "dask"],
+        default="auto",
+        help="auto: start on threads, measure, move to processes if the function computes "
+        "holding the GIL; thread for waiting (I/O), process for computing, dask for a "
+        "cluster (default: auto)",
     )
     run.add_argument(
         "--scheduler",
@@ -162,6 +163,13 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
         default=None,
         help="a live line on stderr: done/total, rate, ETA, failures (default: on when "
         "stderr is a terminal)",
+    )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say on stderr where the function runs once -b auto has measured it, and why "
+        "(also said with --progress)",
     )
     run.add_argument("--journal", metavar="FILE", help="record outcomes in FILE, to resume")
     run.add_argument(

@@ -115,8 +115,13 @@ class _RunLoop:
         progress: Progress | None,
         ordered: bool,
         json_input: bool,
+        tell: str | None = None,
     ) -> None:
         self.pool = pool
+        # The target's name, to say where it runs once measured (-v, --progress), and what
+        # was said last.
+        self.tell = tell
+        self.told = ""
         self.call = call
         self.output = output
         self.journal = journal
@@ -360,6 +365,17 @@ class _RunLoop:
                     self._report_failure(slot)
         if self.progress is not None:
             self.progress.advance(succeeded + failed, failed=failed)
+        if self.tell is not None:
+            self._tell_decision(self.tell)
+
+    def _tell_decision(self, target: str) -> None:
+        """Say where ``target`` runs, once ``-b auto`` has decided, and again if it changes."""
+        decided = [d for d in self.pool.decisions().values() if not d.startswith("thread for now")]
+        if decided and decided[0] != self.told:
+            self.told = decided[0]
+            if self.progress is not None:
+                self.progress.clear()
+            _say(f"{target} runs on {decided[0]}")
 
     def _report_failure(self, slot: _Slot) -> None:
         error = json.loads(slot.line)["error"]
@@ -429,8 +445,9 @@ def _run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError, ImportError, OSError) as exc:
             raise UsageError(str(exc)) from None
         progress = Progress(total) if show_progress else None
+        tell = args.target if args.verbose or show_progress else None
         run = _RunLoop(
-            pool, _Call(fn, args.json), output, journal, progress, args.ordered, args.json
+            pool, _Call(fn, args.json), output, journal, progress, args.ordered, args.json, tell
         )
         return _drive(run, pool, lines, skipped)
     finally:
