@@ -118,7 +118,8 @@ class Pool(Executor):
         client, address: (dask backend) a ``distributed.Client`` to use (never closed by
             the pool), or a scheduler's address to connect to (``"tcp://host:8786"``);
             with neither, the pool starts a ``LocalCluster`` of its own and closes it at
-            shutdown. A dask call past its ``timeout`` is abandoned, as on threads.
+            shutdown. A dask call past its ``timeout`` fails at once; on the pool's own
+            cluster its worker process is stopped, elsewhere the call is abandoned.
 
     Behaviour on faults (process backend): a worker that dies fails only the call it was
     running, with ``WorkerCrashed``; the pool replaces it and goes on. Calls of the same
