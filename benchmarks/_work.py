@@ -56,3 +56,14 @@ def echo(conn: Any) -> None:
             conn.close()
             return
         conn.send(message)
+
+
+#: A buffer large enough that hashing it lets the GIL go (hashlib does above 2 KiB).
+_BLOB = b"conveyor" * (4 << 20)  # 32 MiB
+
+
+def sha256_of_blob(_: object) -> str:
+    """SHA-256 of a 32 MiB buffer: CPU work that threads run in parallel."""
+    import hashlib
+
+    return hashlib.sha256(_BLOB).hexdigest()

@@ -479,3 +479,20 @@ class Dummy:
 
 def make_dummy(_: Any) -> Dummy:
     return Dummy()
+
+
+def spin(seconds: float) -> int:
+    """Compute in pure Python, holding the GIL, for ``seconds`` of this thread's CPU time;
+    return the process id."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        for _ in range(1000):
+            pass
+    return os.getpid()
+
+
+def short_then_spinning(x: int) -> int:
+    """``x + 1`` at once for ``x`` below 1000; above, ``spin(0.2)`` first."""
+    if x >= 1000:
+        spin(0.2)
+    return x + 1

@@ -116,7 +116,8 @@ def test_nothing_but_json_on_stdout(work: Path) -> None:
 
 def test_progress_on_stderr_is_wiped_at_the_end(work: Path) -> None:
     (work / "in.txt").write_text("".join(f"{n}\n" for n in range(50)))
-    result = run(["run", "work:double", "in.txt", "--progress"], work)
+    # (On threads: with the default, -b auto, a line saying where the function runs comes too.)
+    result = run(["run", "work:double", "in.txt", "--progress", "-b", "thread"], work)
     assert result.code == 0, result
     assert len(result.lines) == 50
     *draws, wipe, summary = result.stderr.split("\r")
@@ -124,6 +125,16 @@ def test_progress_on_stderr_is_wiped_at_the_end(work: Path) -> None:
     assert all(re.match(r"\d+/50 \d+% \| [\d.]+/s \| ", draw) for draw in draws[1:]), draws
     assert wipe.strip() == ""  # wiped with spaces, no escape codes
     assert re.fullmatch(r"conveyor: 50 inputs in [\d.]+ s, 0 failed\n", summary), summary
+
+
+def test_verbose_says_once_where_auto_runs_the_function(work: Path) -> None:
+    (work / "in.txt").write_text("".join(f"{n}\n" for n in range(50)))
+    result = run(["run", "work:double", "in.txt", "-v"], work)
+    assert result.code == 0, result
+    assert len(result.lines) == 50
+    told = [line for line in result.stderr.splitlines() if " runs on " in line]
+    assert len(told) == 1, result.stderr
+    assert re.fullmatch(r"conveyor: work:double runs on (thread|process) \(.+\)", told[0])
 
 
 def test_progress_without_a_total_on_a_pipe(work: Path) -> None:

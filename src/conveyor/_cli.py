@@ -79,7 +79,8 @@ exit status:
 examples:
   seq 25 34 | conveyor run conveyor.examples:fib -b process
   conveyor run mymodule:fetch urls.txt -j 32 --timeout 10 --retries 2 -o pages.jsonl
-  conveyor run mymodule:fetch urls.txt -o pages.jsonl --journal pages.journal --resume"""
+  conveyor run mymodule:fetch urls.txt -o pages.jsonl --journal pages.journal --resume
+  conveyor run mymodule:work inputs.txt -b dask --scheduler tcp://10.0.0.5:8786"""
 
 
 def _parser() -> tuple[_Parser, dict[str, _Parser]]:
@@ -105,10 +106,17 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
     run.add_argument(
         "-b",
         "--backend",
-        choices=["thread", "process", "asyncio"],
-        default=None,
-        help="threads for waiting (I/O), processes for computing, asyncio for coroutine "
-        "functions (default: asyncio for an async def FUNCTION, else thread)",
+        choices=["auto", "thread", "process", "dask", "asyncio"],
+        default="auto",
+        help="auto: start on threads, measure, move to processes if the function computes "
+        "holding the GIL; thread for waiting (I/O), process for computing, dask for a "
+        "cluster, asyncio for coroutine functions (default: auto; asyncio for an async def)",
+    )
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with -b dask: the address of a running Dask scheduler, e.g. tcp://host:8786 "
+        "(default: start a local cluster of -j worker processes)",
     )
     run.add_argument(
         "-j",
@@ -159,6 +167,13 @@ def _parser() -> tuple[_Parser, dict[str, _Parser]]:
         default=None,
         help="a live line on stderr: done/total, rate, ETA, failures (default: on when "
         "stderr is a terminal)",
+    )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say on stderr where the function runs once -b auto has measured it, and why "
+        "(also said with --progress)",
     )
     run.add_argument("--journal", metavar="FILE", help="record outcomes in FILE, to resume")
     run.add_argument(

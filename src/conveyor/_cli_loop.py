@@ -115,8 +115,13 @@ class _RunLoop:
         progress: Progress | None,
         ordered: bool,
         json_input: bool,
+        tell: str | None = None,
     ) -> None:
         self.pool = pool
+        # The target's name, to say where it runs once measured (-v, --progress), and what
+        # was said last.
+        self.tell = tell
+        self.told = ""
         self.call = call
         self.output = output
         self.journal = journal
@@ -360,6 +365,17 @@ class _RunLoop:
                     self._report_failure(slot)
         if self.progress is not None:
             self.progress.advance(succeeded + failed, failed=failed)
+        if self.tell is not None:
+            self._tell_decision(self.tell)
+
+    def _tell_decision(self, target: str) -> None:
+        """Say where ``target`` runs, once ``-b auto`` has decided, and again if it changes."""
+        decided = [d for d in self.pool.decisions().values() if not d.startswith("thread for now")]
+        if decided and decided[0] != self.told:
+            self.told = decided[0]
+            if self.progress is not None:
+                self.progress.clear()
+            _say(f"{target} runs on {decided[0]}")
 
     def _report_failure(self, slot: _Slot) -> None:
         error = json.loads(slot.line)["error"]
@@ -384,6 +400,8 @@ class _RunLoop:
 def _run(args: argparse.Namespace) -> int:
     if args.resume and not args.journal:
         raise UsageError("--resume needs --journal FILE (the journal of the run to resume)")
+    if args.scheduler is not None and args.backend != "dask":
+        raise UsageError("--scheduler ADDRESS is the address of a Dask scheduler: add -b dask")
     # As `python -m` does: modules in the current directory can be imported.
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -419,13 +437,17 @@ def _run(args: argparse.Namespace) -> int:
             output = _Output.stdout()
             if journal is not None:
                 journal.set_output("", 0)
+        options = {} if args.scheduler is None else {"address": args.scheduler}
         try:
             backend, call = call_for(fn, args.backend, args.json)
-            pool = Pool(backend, args.workers, timeout=args.timeout, retries=args.retries)
-        except (TypeError, ValueError) as exc:
+            pool = Pool(
+                backend, args.workers, timeout=args.timeout, retries=args.retries, **options
+            )
+        except (TypeError, ValueError, ImportError, OSError) as exc:
             raise UsageError(str(exc)) from None
         progress = Progress(total) if show_progress else None
-        run = _RunLoop(pool, call, output, journal, progress, args.ordered, args.json)
+        tell = args.target if args.verbose or show_progress else None
+        run = _RunLoop(pool, call, output, journal, progress, args.ordered, args.json, tell)
         return _drive(run, pool, lines, skipped)
     finally:
         if output is not None:

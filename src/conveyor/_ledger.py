@@ -354,10 +354,13 @@ class Ledger:
         """Cancel the QUEUED batches of a map that its caller left; no sink is told (the map
         is gone). A backend that later begins one of them is told to drop it."""
         with self._lock:
-            for batch in batches:
-                if batch.state == QUEUED and batch.parent is None:
-                    self._cancelled(batch)
+            gone = [b for b in batches if b.state == QUEUED and b.parent is None]
+            for batch in gone:
+                self._cancelled(batch)
             idle = not self._active
+        if gone:
+            assert self.backend is not None
+            self.backend.forget(gone)  # (a remote queue drops them now, not at begin())
         if idle and self.shut:
             self.stop_backend_if_idle()
 

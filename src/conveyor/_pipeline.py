@@ -168,6 +168,7 @@ class Pipeline(Generic[T]):
         buffer: int | None = None,
         name: str | None = None,
         buffersize: int | None = None,
+        **options: Any,
     ) -> Pipeline[U]:
         """Add a stage that passes on ``fn(item)`` for each item.
 
@@ -175,9 +176,9 @@ class Pipeline(Generic[T]):
             fn: the function; on ``backend="process"`` it and the items must pickle
                 (lambdas and closures travel by value).
             workers: how many calls of this stage run at once.
-            backend: ``"thread"``, ``"process"`` or ``"asyncio"``, as for ``conveyor.Pool``;
-                a coroutine function (``async def``) runs on ``"asyncio"`` unless another
-                is named, with ``workers`` calls in flight.
+            backend: ``"thread"``, ``"process"``, ``"dask"`` or ``"asyncio"``, as for
+                ``conveyor.Pool``; a coroutine function (``async def``) runs on ``"asyncio"``
+                unless another is named, with ``workers`` calls in flight.
             ordered: True: results in input order, through a reorder window no larger than
                 ``buffer``; False: in the order they complete.
             rate: the most calls this stage starts per unit of time, shared by its workers:
@@ -196,6 +197,9 @@ class Pipeline(Generic[T]):
                 ``buffersize`` is its older name.
             name: the stage's name in statistics and ``Failed`` records (default
                 ``"<index>:<function name>"``).
+            options: the backend's own keywords, as for ``conveyor.Pool``: ``client=`` or
+                ``address=`` for ``"dask"`` (set ``workers`` and ``buffer`` to the cluster's
+                size there), ``mp_context=`` for ``"process"``.
 
         Example:
             >>> import conveyor
@@ -216,6 +220,7 @@ class Pipeline(Generic[T]):
                 buffer,
                 name,
                 buffersize,
+                options,
             ),
         )
 
@@ -232,6 +237,7 @@ class Pipeline(Generic[T]):
         buffer: int | None = None,
         name: str | None = None,
         buffersize: int | None = None,
+        **options: Any,
     ) -> Pipeline[U]:
         """Add a stage that passes on every item of the iterable ``fn(item)`` returns.
 
@@ -257,6 +263,7 @@ class Pipeline(Generic[T]):
                 buffer,
                 name,
                 buffersize,
+                options,
             ),
         )
 
@@ -273,6 +280,7 @@ class Pipeline(Generic[T]):
         buffer: int | None = None,
         name: str | None = None,
         buffersize: int | None = None,
+        **options: Any,
     ) -> Pipeline[T]:
         """Add a stage that passes on the items for which ``fn(item)`` is true.
 
@@ -295,6 +303,7 @@ class Pipeline(Generic[T]):
             buffer,
             name,
             buffersize,
+            options,
         )
 
     def each(
@@ -310,6 +319,7 @@ class Pipeline(Generic[T]):
         buffer: int | None = None,
         name: str | None = None,
         buffersize: int | None = None,
+        **options: Any,
     ) -> Pipeline[T]:
         """Add a stage that calls ``fn(item)`` for its side effects and passes the item on.
 
@@ -323,9 +333,8 @@ class Pipeline(Generic[T]):
             >>> seen
             [1, 2]
         """
-        return self._add(
-            "each", fn, workers, backend, ordered, rate, timeout, retries, buffer, name, buffersize
-        )
+        args = (workers, backend, ordered, rate, timeout, retries, buffer, name, buffersize)
+        return self._add("each", fn, *args, options)
 
     def _add(
         self,
@@ -340,13 +349,21 @@ class Pipeline(Generic[T]):
         buffer: int | None,
         name: str | None,
         buffersize: int | None = None,
+        options: dict[str, Any] | None = None,
     ) -> Pipeline[T]:
         if self._started or self._closed:
             raise RuntimeError("cannot add a stage to a Pipeline that has started or closed")
         check_callable(fn)
         check_count("workers", workers, 1, allow_none=False)
-        lookup(backend)
         backend = stage_backend(fn, backend)  # a coroutine function runs on "asyncio"
+        backend_cls = lookup(backend)
+        for option in options or {}:
+            if option not in backend_cls.options:
+                takes = ", ".join(sorted(backend_cls.options)) or "none"
+                raise TypeError(
+                    f"{kind}() got an unexpected keyword argument {option!r} for backend "
+                    f"{backend!r} (its own options: {takes})"
+                )
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, got {ordered!r}")
         per_second = _parse_rate(rate)
@@ -376,6 +393,7 @@ class Pipeline(Generic[T]):
                 timeout=timeout,
                 retries=retries,
                 buffer=buffer,
+                options=dict(options or {}),
             )
         )
         return self

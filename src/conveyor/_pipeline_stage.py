@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._backends._base import Batch
@@ -191,6 +191,7 @@ class StageSpec:
     timeout: float | None
     retries: int
     buffer: int
+    options: dict[str, Any] = field(default_factory=dict)  # the backend's own keywords
 
 
 # -- the buffer between two stages ------------------------------------------------------------
@@ -341,7 +342,13 @@ class Stage:
 
     def start(self, index: int) -> None:
         spec = self.spec
-        self.pool = Pool(spec.backend, spec.workers, timeout=spec.timeout, retries=spec.retries)
+        self.pool = Pool(
+            spec.backend,
+            spec.workers,
+            timeout=spec.timeout,
+            retries=spec.retries,
+            **spec.options,
+        )
         self.thread = threading.Thread(
             target=self._pump, name=f"conveyor-pipeline-stage-{index}", daemon=True
         )

@@ -92,10 +92,16 @@ class Pool(AsyncPoolMethods, Executor):
     ``apply_async``, ``close``/``join``/``terminate``).
 
     Args:
-        backend: ``"thread"`` (default; for IO-bound work), ``"process"`` (CPU-bound work)
-            or ``"asyncio"`` (coroutine functions, as tasks of the pool's own event loop).
+        backend: ``"thread"`` (default; for IO-bound work), ``"process"`` (CPU-bound work),
+            ``"auto"`` (each function starts on threads, is measured, and moves to processes
+            if it computes while holding the GIL: see ``decisions()``), ``"dask"`` (a Dask
+            cluster; needs ``pip install 'conveyor[dask]'``), ``"asyncio"`` (coroutine
+            functions, as tasks of the pool's own event loop), or the name of a backend
+            another package declares (entry-point group ``conveyor.backends``).
         workers: how many calls run at once; None picks the backend's default (threads:
-            ``min(32, cpus + 4)``; processes: the CPUs this process may use; asyncio: 100).
+            ``min(32, cpus + 4)``; processes: the CPUs this process may use; dask: the
+            cluster's threads, or the CPUs for the pool's own cluster; asyncio: 100 calls in
+            flight). With ``"auto"``, its threads; its processes are ``min(workers, cpus)``.
         max_pending: at most this many submitted calls wait for a worker; ``submit`` then
             blocks until there is room and ``submit_nowait`` raises ``PoolFull``.
         timeout: seconds each call may run. At the deadline the call fails with
@@ -111,6 +117,11 @@ class Pool(AsyncPoolMethods, Executor):
         mp_context: (process backend) a ``multiprocessing`` context choosing the start
             method; by default ``forkserver`` where available, else ``spawn``.
         max_tasks_per_worker: (process backend) replace a worker after this many calls.
+        client, address: (dask backend) a ``distributed.Client`` to use (never closed by
+            the pool), or a scheduler's address to connect to (``"tcp://host:8786"``);
+            with neither, the pool starts a ``LocalCluster`` of its own and closes it at
+            shutdown. A dask call past its ``timeout`` fails at once; on the pool's own
+            cluster its worker process is stopped, elsewhere the call is abandoned.
 
     Behaviour on faults (process backend): a worker that dies fails only the call it was
     running, with ``WorkerCrashed``; the pool replaces it and goes on. Calls of the same
@@ -157,21 +168,22 @@ class Pool(AsyncPoolMethods, Executor):
         if initializer is not None:
             check_callable(initializer, "initializer")
         retry_classes = check_exception_classes("retry_on", retry_on)
-        self._workers = workers if workers is not None else backend_cls.default_workers()
         self._ledger = ledger = Ledger(
             retries=retries,
             retry_on=retry_classes,
             max_pending=max_pending,
-            workers=self._workers,
+            workers=workers or 1,  # (the backend's count, once it is made)
             call_timeout=timeout,
         )
+        # The backend picks the default count itself: one on a cluster asks the cluster.
         self._backend: Backend = backend_cls(
-            self._workers,
+            workers,
             _WeakCall(ledger.broke),
             initializer=initializer,
             initargs=tuple(initargs),
             **options,
         )
+        self._workers = ledger.workers = self._backend.workers
         ledger.backend = self._backend
         # A pool dropped without shutdown still stops its workers.
         self._pid = os.getpid()  # a forked child cannot use the pool (see _forked_away)
@@ -513,6 +525,20 @@ class Pool(AsyncPoolMethods, Executor):
     def workers(self) -> int:
         """The number of calls that may run at once."""
         return self._workers
+
+    def decisions(self) -> dict[str, str]:
+        """With ``backend="auto"``: where each function runs, and why, in figures (empty on
+        other backends). A function is named by its qualified name (with its module when two
+        share it).
+
+        Example:
+            >>> import conveyor, time
+            >>> with conveyor.Pool("auto", 4) as pool:
+            ...     _ = list(pool.map(time.sleep, [0.01] * 8))
+            ...     print(pool.decisions()["sleep"])  # doctest: +ELLIPSIS
+            thread (CPU ...% of wall: it waits (IO, a lock, a sleep))
+        """
+        return self._backend.decisions()
 
     def statistics(self) -> PoolStatistics:
         """An immutable snapshot of the pool's counters.

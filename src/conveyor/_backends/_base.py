@@ -2,26 +2,55 @@
 
 A backend knows nothing of futures, ordering, retries or statistics: it receives ``Batch``es,
 runs each call of a batch in order, fills in the batch's outcomes and hands it back with
-``batch.finish()``. Everything a user can observe is decided in ``Pool``.
+``batch.finish()``. Everything a user can observe is decided in ``Pool`` and its ledger
+(``conveyor._ledger``), so a new engine is one new module with one ``Backend`` subclass.
 
 The contract, for every backend:
 
 * ``submit(batch)`` queues a batch and returns at once; it never runs the batch's calls in the
   caller (a backend that ``helps`` may pickle and send it from there).
   A batch that arrives after ``shutdown(kill=True)`` is reported with ``batch.reject()``.
-* Before running a batch the backend calls ``batch.begin()``; when that returns False the batch
-  was cancelled and must be dropped without a word.
+* ``batch.begin()`` is called once the batch really starts to run on a worker, and not before:
+  it frees the batch's ``max_pending`` place and makes its future RUNNING, after which
+  ``future.cancel()`` fails. A backend that hands batches to a queue of its own calls it when
+  a worker takes the batch from that queue. A backend that hands them to a remote queue (a
+  cluster's scheduler) must not call it at hand-off: it calls it when the worker reports that
+  the batch started (or, if that report can be lost, when the batch's outcome arrives, just
+  before ``finish``). Calling it earlier would let ``submit`` run past ``max_pending`` and
+  make every queued call impossible to cancel. When ``begin()`` returns False the batch was
+  cancelled: the backend drops it without a word (and stops its remote copy if it can).
+* A ``Batch`` never leaves the process: it holds the ledger, futures and locks. Only
+  ``batch.fn``, ``batch.args``, ``batch.kwargs`` and ``batch.star`` travel to a worker, and
+  only the values, the errors by index and the elapsed time come back.
 * Each call ends in exactly one of ``batch.values[i]`` (success) or ``batch.errors[i]``.
   A call the backend could not even start (its worker died first) gets ``NotRun`` and Pool runs
   it again elsewhere, without counting an attempt.
 * ``batch.elapsed`` is the wall time spent running the calls: it feeds the batch sizer.
-* A call with ``batch.timeout`` set must end by then: killed (``can_kill``) or abandoned.
-* ``drain()`` takes back the queued batches that no worker started, for cancellation.
+* A call with ``batch.timeout`` set must end by then: its worker stopped if the backend can
+  stop it, else abandoned (its late outcome dropped). Such batches hold one call each.
+* ``drain()`` takes back the queued batches that no worker started, for cancellation;
+  ``forget(batches)`` hears of queued batches the ledger cancelled itself (a map left early),
+  so that a backend whose queue is remote can remove them there.
 * ``shutdown(wait)`` lets workers finish what they run and stops them; after ``wait=True`` no
   thread or process of the backend is left.
+* ``finish()`` is never called on a thread that runs the backend's own loop (or an engine's
+  event loop): done callbacks run there, and may wait for other calls of the same pool. A
+  backend whose outcomes arrive on one thread of its own hands ``finish`` to a
+  ``_completer.Completer`` (as the process and dask backends do).
 * A backend that ``helps`` is offered the thread that waits for a call's future
   (``help(future, timeout)``): it may do its own work on that thread meanwhile, so that the
   call's outcome is read where it is awaited instead of being handed over from another thread.
+
+Finding backends by name: ``Pool(backend="name")`` looks the name up among the built-in
+backends, then among the entry points of the group ``conveyor.backends``, whose value is
+``"module:Class"`` (see ``conveyor._backends.lookup``). A package adds an engine by declaring
+one, without touching conveyor::
+
+    [project.entry-points."conveyor.backends"]
+    ray = "conveyor_ray:RayBackend"
+
+The class sets ``name``, ``batch_seconds`` and ``options`` (its own ``Pool`` keywords, passed
+to its constructor) and implements the abstract methods below.
 """
 
 from __future__ import annotations
@@ -211,10 +240,6 @@ class Backend(abc.ABC):
 
     #: The name given to ``Pool(backend=...)``.
     name: ClassVar[str]
-    #: Whether a running call can be stopped at its deadline (else it is abandoned).
-    can_kill: ClassVar[bool]
-    #: Whether functions, arguments and results cross a process boundary.
-    needs_pickle: ClassVar[bool]
     #: How long one batch should run: long enough to hide the per-batch cost, short enough to
     #: balance load. The batch sizer aims at it from measured call durations.
     batch_seconds: ClassVar[float]
@@ -225,21 +250,23 @@ class Backend(abc.ABC):
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         on_broken: Callable[[BaseException], None],
         *,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         **options: Any,
     ) -> None:
-        """``on_broken(error)``: nothing will run any more, because a worker's initializer
+        """``workers``: how many calls may run at once, None for ``default_workers()``
+        (asked of the instance, so a backend may first connect to its engine and count
+        what is there); Pool reads the count back from ``self.workers``.
+        ``on_broken(error)``: nothing will run any more, because a worker's initializer
         raised ``error``, or for the reason a ``BrokenPool`` ``error`` gives."""
-        self.workers = workers
+        self.workers = workers if workers is not None else self.default_workers()
         self._on_broken = on_broken
 
-    @staticmethod
     @abc.abstractmethod
-    def default_workers() -> int:
+    def default_workers(self) -> int:
         """The worker count used when the user gives none."""
 
     @abc.abstractmethod
@@ -258,6 +285,12 @@ class Backend(abc.ABC):
     def busy(self) -> int:
         """How many workers are running a batch now."""
 
+    def forget(self, batches: list[Batch]) -> None:
+        """``batches``, queued here, were cancelled by the ledger (a map left early): they
+        will be dropped at ``begin()`` anyway; a backend whose queue is remote may remove
+        them there now."""
+        return None
+
     def live_workers(self) -> int:
         """How many workers exist now (may be fewer than ``workers`` before they are needed)."""
         return self.workers
@@ -272,6 +305,10 @@ class Backend(abc.ABC):
         """Do the backend's work on the calling thread, which waits for ``future``, until the
         future is done or ``timeout`` seconds have passed; return at once if it cannot."""
         return None
+
+    def decisions(self) -> dict[str, str]:
+        """Where the backend runs each function, and why (only a backend that chooses)."""
+        return {}
 
     def in_worker(self) -> bool:
         """Whether the calling thread is one of this backend's workers (running a call)."""

@@ -6,7 +6,8 @@ Data flow::
     Pool.submit / map --submit(batch)--> _queue (deque, lock) --poke: call_soon_threadsafe-->
     loop thread: _start_calls(): batch.begin(), then one task per call while fewer than
                  ``workers`` run; each task records its call's outcome; the batch's last
-                 call to end -> batch.finish() -> a freed place starts the next call
+                 call to end -> completer thread: batch.finish(); a freed place starts the
+                 next call
 
 ``workers`` counts calls, not batches: the calls of one batch run side by side, and a batch
 ends when its last call does (its ``elapsed`` is that wall time). Submissions are poked to
@@ -17,10 +18,11 @@ the call fails with ``TaskTimeout``; ``shutdown(kill=True)`` cancels every task;
 submitted call's ``future.cancel()`` cancels its task (the future then raises
 ``CancelledError``).
 
-Batches end, and so futures' done callbacks run, on the loop's thread (``runs_loop_here``):
-a callback must not block, and a wait there for a call of the same pool is refused rather
-than left to hang. When the loop stops, tasks that calls started and left behind are
-cancelled, so that none outlives the pool.
+Batches end on the threads of a ``Completer``, never on the loop's, so that done callbacks
+and a map's sink, which may be slow or wait for calls of the same pool, never stall the calls
+in flight. A call that blocks on a result of its own pool would stall the loop for ever: on
+the loop's thread (``runs_loop_here``) such a wait raises instead. When the loop stops, tasks
+that calls started and left behind are cancelled, so that none outlives the pool.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 from .._coroutines import is_coroutine_function, not_coroutine_error
 from .._errors import TaskTimeout
 from ._base import Backend, Batch, NotRun, log_initializer_failure
+from ._completer import Completer
 
 __all__ = ["AsyncioBackend"]
 
@@ -58,15 +61,19 @@ atexit.register(_stop_all_at_exit)
 class _Run:
     """A begun batch: its calls' tasks, how many are left to start and to end."""
 
-    __slots__ = ("batch", "expired", "left", "next", "start", "tasks")
+    __slots__ = ("batch", "cancelled", "expired", "left", "next", "start", "tasks")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self.next = 0  # index of the next call to start
         self.left = len(batch)  # calls not ended
         self.start = time.perf_counter()
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # The tasks of calls that have started (a task cancelled before its first step would
+        # never run its coroutine, so never report: one not started yet is not cancelled but
+        # told, through ``cancelled`` or the backend's ``_killing``, not to start).
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
         self.expired: set[int] = set()  # calls cancelled at their deadline
+        self.cancelled = False  # future.cancel() of a running submitted call
 
 
 class AsyncioBackend(Backend):
@@ -82,7 +89,7 @@ class AsyncioBackend(Backend):
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         on_broken: Callable[[BaseException], None],
         *,
         initializer: Callable[..., object] | None = None,
@@ -92,6 +99,7 @@ class AsyncioBackend(Backend):
         self._initializer = initializer
         self._initargs = initargs
         self._name = f"conveyor-asyncio-{next(_pool_numbers)}"
+        self._completer = Completer(f"{self._name}-completer")
         # Guards the fields up to _thread; the rest belongs to the loop's thread.
         self._lock = threading.Lock()
         self._queue: deque[Batch] = deque()  # submitted, not begun
@@ -107,8 +115,7 @@ class AsyncioBackend(Backend):
         self._closed = False  # the loop has stopped for good
         _live.add(self)
 
-    @staticmethod
-    def default_workers() -> int:
+    def default_workers(self) -> int:
         return 100
 
     def prepare(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -147,15 +154,18 @@ class AsyncioBackend(Backend):
             self._soon(self._stop_when_idle)
             if wait and thread is not threading.current_thread():
                 thread.join()
+        if wait:
+            self._completer.stop()  # (the loop's thread stopped it already, if it ran)
+            self._completer.join()
         _live.discard(self)
 
     def help(self, future: Future[Any], timeout: float | None) -> None:
         if self.runs_loop_here() and not future.done():
             raise RuntimeError(
                 "waiting for a call's result on the asyncio pool's own event loop thread (in "
-                "one of its calls, or in a done callback of one of its futures) would wait "
-                "for ever: only that thread can run the call. Await it instead (await "
-                "asyncio.wrap_future(future)), or chain it with add_done_callback"
+                "one of its calls) would wait for ever: only that thread can run the call. "
+                "Await it instead (await asyncio.wrap_future(future)), or chain it with "
+                "add_done_callback"
             )
 
     def busy(self) -> int:
@@ -200,6 +210,7 @@ class AsyncioBackend(Backend):
             finally:
                 asyncio.set_event_loop(None)
                 loop.close()
+                self._completer.stop()
 
     def _initialize(self, loop: asyncio.AbstractEventLoop) -> bool:
         assert self._initializer is not None
@@ -234,7 +245,7 @@ class AsyncioBackend(Backend):
                     batch = self._queue.popleft()
                     killing = self._killing
                 if killing:
-                    batch.reject()
+                    self._completer.run(batch.reject)
                     continue
                 if not batch.begin():
                     continue
@@ -250,10 +261,17 @@ class AsyncioBackend(Backend):
             if run.next == len(run.batch):
                 self._partial = None
             self._running += 1
-            run.tasks[index] = loop.create_task(self._call(run, index))
+            loop.create_task(self._call(run, index))
 
     async def _call(self, run: _Run, index: int) -> None:
         batch = run.batch
+        if self._killing or run.cancelled:
+            batch.fail(index, CancelledError("the call's task was cancelled before it started"))
+            self._ended(run, index)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        run.tasks[index] = task
         arg = batch.args[index]
         timer: asyncio.TimerHandle | None = None
         if batch.timeout is not None:
@@ -294,12 +312,13 @@ class AsyncioBackend(Backend):
         return True
 
     def _cancel_task(self, run: _Run) -> None:
+        run.cancelled = True
         for task in run.tasks.values():
             task.cancel()
 
     def _ended(self, run: _Run, index: int) -> None:
         self._running -= 1
-        del run.tasks[index]
+        run.tasks.pop(index, None)
         run.left -= 1
         if not run.left:
             self._runs.discard(run)
@@ -309,7 +328,7 @@ class AsyncioBackend(Backend):
             if future is not None:
                 future.__dict__.pop("cancel", None)
             del run
-            batch.finish()
+            self._completer.run(batch.finish)
         if not self._killing:
             self._start_calls()
         self._stop_when_idle()
@@ -332,12 +351,12 @@ class AsyncioBackend(Backend):
                 run.left -= len(batch) - run.next
                 if not run.left:
                     self._runs.discard(run)
-                    batch.finish()
+                    self._completer.run(batch.finish)
             with self._lock:
                 leftover = list(self._queue)
                 self._queue.clear()
             for batch in leftover:
-                batch.reject()
+                self._completer.run(batch.reject)
         else:
             self._start_calls()
         with self._lock:

@@ -90,7 +90,7 @@ from ._start import default_context, preload_worker
 from ._worker import Init
 from ._workers import KILL_GRACE, Proc, WorkerSet
 
-__all__ = ["ProcessBackend", "default_context"]
+__all__ = ["ProcessBackend", "check_options", "default_context"]
 
 _live: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
 
@@ -115,17 +115,45 @@ def _initializer_unpicklable(error: BaseException) -> PicklingFailed:
     )
 
 
+def check_options(mp_context: BaseContext | None, max_tasks_per_worker: int | None) -> BaseContext:
+    """Check the process backend's own options; returns the start context to use."""
+    if max_tasks_per_worker is not None and (
+        isinstance(max_tasks_per_worker, bool)
+        or not isinstance(max_tasks_per_worker, int)
+        or max_tasks_per_worker < 1
+    ):
+        raise ValueError(
+            f"max_tasks_per_worker must be an int >= 1 or None, got {max_tasks_per_worker!r}"
+        )
+    if mp_context is not None and not isinstance(mp_context, BaseContext):
+        raise TypeError(
+            "mp_context must be a multiprocessing context such as "
+            f"multiprocessing.get_context('spawn'), got {mp_context!r}"
+        )
+    context = mp_context if mp_context is not None else default_context()
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if (
+        context.get_start_method() == "spawn"
+        and main_file is not None
+        and not _wire.main_is_a_file()
+    ):
+        raise ValueError(
+            f"mp_context: 'spawn' workers import the main script again, and {main_file!r} "
+            "is not a file (a script read from standard input?); use the default start "
+            "method, 'forkserver' or 'fork', or run the script from a file"
+        )
+    return context
+
+
 class ProcessBackend(Role, Backend):
     name = "process"
-    can_kill = True
-    needs_pickle = True
     helps = True
     batch_seconds = 0.005
     options = frozenset({"mp_context", "max_tasks_per_worker"})
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         on_broken: Callable[[BaseException], None],
         *,
         initializer: Callable[..., object] | None = None,
@@ -134,31 +162,8 @@ class ProcessBackend(Role, Backend):
         max_tasks_per_worker: int | None = None,
     ) -> None:
         super().__init__(workers, on_broken)
-        if max_tasks_per_worker is not None and (
-            isinstance(max_tasks_per_worker, bool)
-            or not isinstance(max_tasks_per_worker, int)
-            or max_tasks_per_worker < 1
-        ):
-            raise ValueError(
-                f"max_tasks_per_worker must be an int >= 1 or None, got {max_tasks_per_worker!r}"
-            )
-        if mp_context is not None and not isinstance(mp_context, BaseContext):
-            raise TypeError(
-                "mp_context must be a multiprocessing context such as "
-                f"multiprocessing.get_context('spawn'), got {mp_context!r}"
-            )
-        context = mp_context if mp_context is not None else default_context()
-        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-        if (
-            context.get_start_method() == "spawn"
-            and main_file is not None
-            and not _wire.main_is_a_file()
-        ):
-            raise ValueError(
-                f"mp_context: 'spawn' workers import the main script again, and {main_file!r} "
-                "is not a file (a script read from standard input?); use the default start "
-                "method, 'forkserver' or 'fork', or run the script from a file"
-            )
+        workers = self.workers  # (None: the default count, picked by the base class)
+        context = check_options(mp_context, max_tasks_per_worker)
         preload_worker(context)
         self._max_tasks = max_tasks_per_worker
         init: Init | None = None

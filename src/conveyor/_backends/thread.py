@@ -62,14 +62,12 @@ class _Worker:
 
 class ThreadBackend(Backend):
     name = "thread"
-    can_kill = False
-    needs_pickle = False
     batch_seconds = 0.002
     options = frozenset({"thread_name_prefix"})
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         on_broken: Callable[[BaseException], None],
         *,
         initializer: Callable[..., object] | None = None,
