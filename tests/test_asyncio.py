@@ -284,6 +284,10 @@ def test_errors_collect_in_an_async_stage() -> None:
 
 MODULE = """\
 import asyncio
+import threading
+
+async def where(line):
+    return threading.current_thread().name
 
 async def shout(line):
     await asyncio.sleep(0.001)
@@ -318,6 +322,8 @@ def test_the_cli_runs_a_coroutine_function_on_the_asyncio_backend(tmp_path: Path
     assert [line["output"] for line in lines[:-1]] == [w.upper() for w in words[:-1]]
     assert lines[-1]["error"]["type"] == "ValueError"
     assert "bad line" in lines[-1]["error"]["traceback"]
+    done = _conveyor(tmp_path, "amod:where", "in.txt", "-j", "3")
+    assert json.loads(done.stdout.splitlines()[0])["output"].startswith("conveyor-asyncio")
 
 
 def test_the_cli_refuses_a_plain_function_on_asyncio(tmp_path: Path) -> None:

@@ -85,18 +85,19 @@ def _attach_traceback(exc: BaseException) -> None:
 
 
 def call_for(fn: Callable[..., Any], backend: str | None, spread: bool) -> tuple[str, _Call]:
-    """The backend (``-b``, None when not given) and the call that run ``fn``: a coroutine
-    function runs on the asyncio backend unless another is named, where each call runs on
-    an event loop of its own; a plain function cannot run on the asyncio backend."""
+    """The backend (``-b``; its default is ``auto``) and the call that run ``fn``: a
+    coroutine function runs on the asyncio backend unless a backend other than ``auto`` is
+    named, where each call runs on an event loop of its own; a plain function cannot run on
+    the asyncio backend."""
     from ._coroutines import is_coroutine_function, not_coroutine_error, on_own_loop
 
     if is_coroutine_function(fn):
-        if backend in (None, "asyncio"):
+        if backend in (None, "auto", "asyncio"):
             return "asyncio", _AsyncCall(fn, spread)
         return backend, _Call(on_own_loop(fn), spread)
     if backend == "asyncio":
         raise not_coroutine_error(fn, "FUNCTION")
-    return backend or "thread", _Call(fn, spread)
+    return backend or "auto", _Call(fn, spread)
 
 
 def encode_value(value: object) -> str:
