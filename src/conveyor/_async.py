@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ._backends._base import Backend
     from ._pipeline import _PipelineRun
 
-__all__ = ["AsyncMapResults", "AsyncPoolMethods", "PipelineResults"]
+__all__ = ["AsyncMapResults", "AsyncPipelineMethods", "AsyncPoolMethods", "PipelineResults"]
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -442,6 +442,28 @@ def _abandon(
 
 
 # -- pipelines --------------------------------------------------------------------------------
+
+
+class AsyncPipelineMethods(Generic[T]):
+    """The awaitable side of ``Pipeline`` (mixed into it): ``async for``."""
+
+    def _start(self) -> _PipelineRun:
+        raise NotImplementedError
+
+    def __aiter__(self) -> PipelineResults[T]:
+        """Iterate with ``async for``, never blocking the event loop (no progress line);
+        ``aclose()`` on the iterator stops every stage and awaits their end.
+
+        Example:
+            >>> import asyncio, conveyor
+            >>> async def double(x):
+            ...     return 2 * x
+            >>> async def main():
+            ...     return [y async for y in conveyor.Pipeline(range(3)).map(double, workers=5)]
+            >>> asyncio.run(main())
+            [0, 2, 4]
+        """
+        return PipelineResults(self._start())
 
 
 class PipelineResults(Generic[T]):

@@ -21,9 +21,9 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
-from ._async import PipelineResults
+from ._async import AsyncPipelineMethods
 from ._backends import lookup
 from ._checks import check_callable, check_count, check_timeout
 from ._coroutines import stage_backend
@@ -97,7 +97,7 @@ class PipelineSummary:
     stages: tuple[StageStatistics, ...]
 
 
-class Pipeline(Generic[T]):
+class Pipeline(AsyncPipelineMethods[T]):
     """Items from ``source`` through a chain of concurrent stages, lazily and in bounded memory.
 
     Each stage runs its function on its own ``conveyor.Pool`` (threads or processes), so a
@@ -411,21 +411,8 @@ class Pipeline(Generic[T]):
             return _with_progress(results, Progress(total, label="pipeline"))
         return results
 
-    def __aiter__(self) -> PipelineResults[T]:
-        """Iterate with ``async for``, never blocking the event loop (no progress line);
-        ``aclose()`` on the iterator stops every stage and awaits their end.
-
-        Example:
-            >>> import asyncio, conveyor
-            >>> async def double(x): return 2 * x
-            >>> async def main():
-            ...     return [y async for y in conveyor.Pipeline(range(3)).map(double, workers=5)]
-            >>> asyncio.run(main())
-            [0, 2, 4]
-        """
-        return PipelineResults(self._start())
-
     def _start(self) -> _PipelineRun:
+        """Start the one run of this pipeline (for ``__iter__`` and ``__aiter__``)."""
         if self._closed and not self._started:
             raise RuntimeError("this Pipeline was closed before it ran")
         if self._started:
