@@ -11,8 +11,9 @@ What waits where::
             processes, a buffer's wait) runs on another thread, awaited
 
 The event loop's thread never calls ``future.result()`` and never waits on a lock that a call
-holds, so it is never lent to a backend (the process backend's waiting threads may run its
-dispatcher loop; the loop's thread never waits, so it is never asked). Cancelling a task that
+holds: the process backend lets a thread that waits for a result run its dispatcher loop
+meanwhile (``Backend.help``), and the loop's thread never waits, so it never does. (Submitting
+may send a call to an idle worker on the spot, as it does from any thread.) Cancelling a task that
 awaits a call cancels the call: a queued call does not start, and a running one on the asyncio
 backend is cancelled too; a running thread or process call finishes, its result dropped.
 """
