@@ -228,14 +228,14 @@ def test_arun_waits_for_room_at_max_pending_off_the_loop(tmp_path: Path) -> None
         async with conveyor.Pool("thread", workers=1, max_pending=1) as pool:
             calls = [
                 asyncio.create_task(pool.arun(report_and_wait, started.path, release.path, i))
-                for i in range(3)
+                for i in range(8)
             ]
             await asyncio.to_thread(started.read_line)
-            release.release(3)  # the loop is free: the release comes from it
+            release.release(8)  # the loop is free: the release comes from it
             return list(await asyncio.gather(*calls))
 
     try:
-        assert asyncio.run(main()) == [0, 1, 2]
+        assert asyncio.run(main()) == list(range(8))
     finally:
         started.close()
         release.close()
@@ -252,6 +252,10 @@ def test_amap_refuses_bad_arguments() -> None:
                 pool.amap(double, [1], buffersize=0)
 
     asyncio.run(main())
+    with conveyor.Pool("asyncio") as pool:
+        with pytest.raises(RuntimeError, match="running event loop"):
+            pool.amap(double, [1])
+        assert pool.statistics().submitted == 0
 
 
 def test_a_pipeline_is_consumed_with_async_for() -> None:

@@ -200,7 +200,29 @@ async def _submit_off_loop(
     pool: _Pool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[Any]:
     """Submit on another thread, which may wait for room at ``max_pending``; if the awaiting
-    task is cancelled meanwhile, the call is cancelled once submitted."""
+    task is cancelled meanwhile, the call is cancelled once submitted. Tasks of one loop take
+    turns (an ``asyncio.Lock`` per pool and loop), so that one thread at most waits per pool,
+    however many calls wait for room."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    turns = _turns.setdefault(pool, weakref.WeakKeyDictionary())
+    turn = turns.get(loop)
+    if turn is None:
+        turn = turns[loop] = asyncio.Lock()
+    async with turn:
+        return await _submit_in_thread(pool, fn, args, kwargs)
+
+
+#: Per pool and event loop, the lock that ``_submit_off_loop`` takes turns with.
+_turns: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _submit_in_thread(
+    pool: _Pool, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Future[Any]:
     import asyncio
 
     cancelled = False
@@ -340,7 +362,13 @@ class AsyncMapResults(Generic[R]):
     ) -> None:
         import asyncio
 
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "amap() needs a running event loop: use it with `async for` inside a coroutine "
+                "(from plain code, use map() or imap_unordered())"
+            ) from None
         self._wake = wake = _Wake(loop)
         feed: _Feed | None = None
         if source is not None:
