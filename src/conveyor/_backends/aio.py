@@ -6,8 +6,8 @@ Data flow::
     Pool.submit / map --submit(batch)--> _queue (deque, lock) --poke: call_soon_threadsafe-->
     loop thread: _start_calls(): batch.begin(), then one task per call while fewer than
                  ``workers`` run; each task records its call's outcome; the batch's last
-                 call to end -> completer thread: batch.finish(); a freed place starts the
-                 next call
+                 call to end -> completer thread: batch.finish() (a map's batches that end
+                 in one turn of the loop together); a freed place starts the next call
 
 ``workers`` counts calls, not batches: the calls of one batch run side by side, and a batch
 ends when its last call does (its ``elapsed`` is that wall time). Submissions are poked to
@@ -113,6 +113,7 @@ class AsyncioBackend(Backend):
         self._partial: _Run | None = None  # a begun batch with calls not started yet
         self._runs: set[_Run] = set()  # begun, not finished
         self._closed = False  # the loop has stopped for good
+        self._ended_maps: list[Batch] = []  # map batches ended in this turn of the loop
         _live.add(self)
 
     def default_workers(self) -> int:
@@ -328,15 +329,30 @@ class AsyncioBackend(Backend):
             if future is not None:
                 future.__dict__.pop("cancel", None)
             del run
-            self._completer.run(batch.finish)
+            if future is None and batch.parent is None:
+                # A map's batch: its sink is the pool's own and quick, so the map batches
+                # that end in one turn of the loop go to the completer together.
+                self._ended_maps.append(batch)
+                if len(self._ended_maps) == 1:
+                    loop = self._loop
+                    assert loop is not None
+                    loop.call_soon(self._hand_over_maps)
+            else:
+                self._completer.run(batch.finish)  # alone: its callbacks are the user's
         if not self._killing:
             self._start_calls()
         self._stop_when_idle()
+
+    def _hand_over_maps(self) -> None:
+        batches, self._ended_maps = self._ended_maps, []
+        if batches:
+            self._completer.run(functools.partial(_finish_all, batches))
 
     def _stop_when_idle(self) -> None:
         """Once stopping: cancel every task if killing; stop the loop when nothing is left."""
         if not self._stopping or self._closed:
             return
+        self._hand_over_maps()  # now: the loop may stop before a callback scheduled runs
         if self._killing:
             for begun in list(self._runs):
                 for task in begun.tasks.values():
@@ -365,6 +381,11 @@ class AsyncioBackend(Backend):
             loop = self._loop
             assert loop is not None
             loop.stop()
+
+
+def _finish_all(batches: list[Batch]) -> None:
+    for batch in batches:
+        batch.finish()
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
