@@ -275,10 +275,10 @@ class AutoBackend(Backend):
             if len(self._verdicts) < _VERDICTS_KEPT:
                 return
 
-    def _judge(self, verdict: Verdict) -> list[tuple[Batch, str, Verdict]]:
+    def _judge(self, verdict: Verdict, sampled: bool = False) -> list[tuple[Batch, str, Verdict]]:
         """Place ``verdict`` if its measurements are enough, else release what may be
         measured next; returns what to send where (lock held)."""
-        judged = verdict.judge()
+        judged = verdict.judge(sampled)
         if judged is None:
             out: list[tuple[Batch, str, Verdict]] = []
             while verdict.held and verdict.may_release():
@@ -412,7 +412,7 @@ class AutoBackend(Backend):
                 for verdict in measured:
                     if verdict.side is None and verdict.running():
                         verdict.tick()
-                        routes += self._judge(verdict)
+                        routes += self._judge(verdict, sampled=True)
             self._send(routes)
             del routes
 
