@@ -97,6 +97,19 @@ def test_a_function_whose_calls_become_long_is_measured_again() -> None:
     assert second.startswith("process (CPU "), second
 
 
+def test_a_failure_to_measure_leaves_the_function_on_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: Verdict, sampled: bool = False) -> None:
+        raise ZeroDivisionError("a bug in measuring")
+
+    monkeypatch.setattr(Verdict, "judge", broken)
+    with conveyor.Pool("auto", 2) as pool:
+        assert list(pool.map(funcs.double, range(40))) == [2 * x for x in range(40)]
+        decision = pool.decisions()["double"]
+    assert decision == "thread (measuring it failed (ZeroDivisionError: a bug in measuring))"
+
+
 def test_decisions_are_empty_on_the_other_backends() -> None:
     with conveyor.Pool("thread", 2) as pool:
         pool.submit(funcs.double, 1).result(funcs.WAIT)

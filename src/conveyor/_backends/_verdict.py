@@ -7,9 +7,9 @@ A function the pool has not seen is *measured* on threads before it is placed:
    call that waits (IO, a lock, a sleep) from one that computes.
 2. **In pairs.** A function that computes then runs two calls at once, for ``MIN_PAIR``
    seconds: the CPU time both threads get together per second of wall time, over what one
-   got alone, is how the function *scales* on threads. A function that holds the GIL scales
-   about 1.0x (the two threads take turns); one that lets it go (NumPy, hashlib, zlib on
-   large inputs) about 2.0x.
+   got alone per second, is how the function *scales* on threads. A function that holds the
+   GIL scales about 1.0x (the two threads take turns: together they never get more than one
+   CPU); one that lets it go (NumPy, hashlib, zlib on large inputs) about 2.0x.
 
 A call's thread is read from outside (``Meter``) every time a measured call begins or ends
 and every ``SAMPLE`` seconds in between (``tick``), so that a call of minutes is judged within
@@ -264,9 +264,13 @@ class Verdict:
         need = 2 * MIN_PAIR * _busy(self.pair_waited, self.pair_wall)
         if self.pair_time <= 0.0 or (self.pair_time < need and self.pair_wall < 2 * ENOUGH):
             return None
-        # Each of two threads alone would use ``share`` of the time it can run; together,
-        # what they use of it, times two, over that, is how the function scales.
-        scaling = 2 * (self.pair_cpu / self.pair_time) / share
+        # What two threads at once get of the CPU, over what one alone got, both per second
+        # of wall time: whatever else keeps the machine busy takes its part of both alike,
+        # and a function that holds the GIL cannot get more than one CPU's worth in all.
+        alone = self.solo_cpu / self.solo_wall if self.solo_wall > 0.0 else share
+        if alone <= 0.0:
+            return None
+        scaling = 2 * (self.pair_cpu / self.pair_wall) / alone
         close = _close(scaling, SCALES) and self.pair_time < CLOSE_MORE * need
         if close and self.pair_wall < 2 * ENOUGH:
             return None
@@ -332,7 +336,7 @@ class Verdict:
                 return False
             ratio = per_call / placed
             return ratio >= REVISIT or ratio <= 1 / REVISIT
-        return False  # "kept", "one-cpu", "gil-off", "unmeasured": measuring changes nothing
+        return False  # "kept", "one-cpu", "gil-off", "unmeasured", "failed": no change then
 
 
 _REASONS = {
@@ -344,6 +348,7 @@ _REASONS = {
     "one-cpu": "one CPU: processes could not run it faster",
     "gil-off": "the GIL is disabled: threads run it in parallel",
     "unmeasured": "this platform gives no thread's CPU time to measure it by",
+    "failed": "measuring it failed ({error})",
 }
 
 
