@@ -1,8 +1,11 @@
 """``backend="auto"``: each function is measured on threads, then placed on threads or
 processes, and ``Pool.decisions()`` says where and why.
 
-The functions here are unmistakable (a sleep; seconds of pure-Python CPU work holding the
-GIL), and the assertions are on the decisions and where calls ran, never on times.
+The functions here are unmistakable (a sleep; pure-Python CPU work holding the GIL), and the
+assertions are on the decisions and where calls ran, never on times. A function that lets
+the GIL go is judged on given measurements only (``test_the_verdict_on_calls_that_let_the_
+gil_go``): how two threads scale depends on free CPUs, which a loaded test machine lacks
+(``benchmarks/bench_auto.py`` shows the decision on a real one).
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ def test_a_function_whose_calls_become_long_is_measured_again() -> None:
     assert first.startswith("thread (calls of "), first
     assert "too short" in first
     assert second.startswith("process (CPU "), second
+
+
+def test_a_failure_to_measure_leaves_the_function_on_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: Verdict, sampled: bool = False) -> None:
+        raise ZeroDivisionError("a bug in measuring")
+
+    monkeypatch.setattr(Verdict, "judge", broken)
+    with conveyor.Pool("auto", 2) as pool:
+        assert list(pool.map(funcs.double, range(40))) == [2 * x for x in range(40)]
+        decision = pool.decisions()["double"]
+    assert decision == "thread (measuring it failed (ZeroDivisionError: a bug in measuring))"
 
 
 def test_decisions_are_empty_on_the_other_backends() -> None:

@@ -7,9 +7,9 @@ A function the pool has not seen is *measured* on threads before it is placed:
    call that waits (IO, a lock, a sleep) from one that computes.
 2. **In pairs.** A function that computes then runs two calls at once, for ``MIN_PAIR``
    seconds: the CPU time both threads get together per second of wall time, over what one
-   got alone, is how the function *scales* on threads. A function that holds the GIL scales
-   about 1.0x (the two threads take turns); one that lets it go (NumPy, hashlib, zlib on
-   large inputs) about 2.0x.
+   got alone per second, is how the function *scales* on threads. A function that holds the
+   GIL scales about 1.0x (the two threads take turns: together they never get more than one
+   CPU); one that lets it go (NumPy, hashlib, zlib on large inputs) about 2.0x.
 
 A call's thread is read from outside (``Meter``) every time a measured call begins or ends
 and every ``SAMPLE`` seconds in between (``tick``), so that a call of minutes is judged within
@@ -79,31 +79,37 @@ _NEWEST = 0.25
 class Meter:
     """What a thread has done, read from any thread: its CPU time (its CPU-time clock), and
     on Linux the time it was ready to run but waited for a CPU (``run_delay`` in
-    ``/proc/self/task/<tid>/schedstat``, which the kernel adds up each time the thread gets a
-    CPU back; elsewhere it counts as nothing)."""
+    ``/proc/self/task/<tid>/schedstat``); elsewhere waits count as nothing. The kernel adds a
+    wait when it ends (the thread gets a CPU back): read from another thread, the wait going
+    on is missing, so on a busy machine only readings by the measured thread itself (as its
+    call begins or ends) are trusted to judge (see ``Verdict.judge``)."""
 
     __slots__ = ("clock", "path")
 
     def __init__(self, thread: threading.Thread) -> None:
         assert thread.ident is not None
         self.clock = time.pthread_getcpuclockid(thread.ident)
-        path = f"/proc/self/task/{thread.native_id}/schedstat"
-        self.path = path if os.path.exists(path) else None
+        path = f"/proc/self/task/{thread.native_id}/"
+        self.path = path if os.path.exists(path + "schedstat") else None
 
     def cpu(self) -> float:
         """The thread's CPU seconds (a clock read in C: the GIL is kept)."""
         return time.clock_gettime(self.clock)
 
-    def waited(self) -> float:
-        """The thread's seconds spent waiting for a CPU. Reading them is a system call that
-        lets the GIL go, so a caller reads every ``cpu`` first."""
+    def waiting(self) -> float:
+        """The thread's seconds spent waiting for a CPU, as the kernel counted them. Reading
+        them lets the GIL go (a system call), so a caller reads every ``cpu`` first."""
         if self.path is None:
             return 0.0
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            return int(os.read(fd, 200).split()[1]) * 1e-9
-        finally:
-            os.close(fd)
+        return int(_read(self.path + "schedstat").split()[1]) * 1e-9
+
+
+def _read(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
 
 
 def can_measure() -> bool:
@@ -111,7 +117,7 @@ def can_measure() -> bool:
     try:
         meter = Meter(threading.current_thread())
         meter.cpu()
-        meter.waited()
+        meter.waiting()
     except (AttributeError, OSError, ValueError, IndexError):
         return False
     return True
@@ -167,6 +173,13 @@ class Verdict:
         share = self.solo_share()
         return len(self.released) < (2 if share is not None and share >= CPU_BOUND else 1)
 
+    def _busy_now(self) -> bool:
+        """Whether the threads measured waited for a CPU much (> 10% of their time), and too
+        little was measured yet to judge on readings that may miss a wait."""
+        if self.pair_wall > 0.0:
+            return self.pair_waited > 0.1 * self.pair_wall and self.pair_wall < 2 * ENOUGH
+        return self.solo_waited > 0.1 * self.solo_wall and self.solo_wall < ENOUGH
+
     def solo_share(self) -> float | None:
         """The share of its time a CPU was to be had that a call alone used, once measured
         long enough (longer on a busy machine, or near ``CPU_BOUND``)."""
@@ -194,15 +207,16 @@ class Verdict:
             for run, used in zip(runs, cpus, strict=True):
                 assert run.meter is not None
                 try:
-                    waited = run.meter.waited()
+                    delay = run.meter.waiting()
                 except (OSError, ValueError, IndexError):  # (its thread is gone)
                     continue
-                cpu += used - run.cpu
-                # (A wait is counted when it ends, maybe in a later tick: summed, it evens out.)
-                available += wall - (waited - run.waited)
+                ran = used - run.cpu
+                counted = delay - run.waited  # (a wait still going on is counted later)
+                cpu += ran
+                available += wall - counted
                 walls += wall
-                waits += waited - run.waited
-                run.cpu, run.waited = used, waited
+                waits += counted
+                run.cpu, run.waited = used, delay
             if len(runs) == 1:
                 self.solo_cpu += cpu
                 self.solo_time += available
@@ -218,7 +232,8 @@ class Verdict:
     def began(self, run: Run, meter: Meter) -> None:
         self.tick()
         run.meter = meter
-        run.cpu, run.waited = meter.cpu(), meter.waited()
+        run.cpu = meter.cpu()
+        run.waited = meter.waiting()
 
     def ended(self, batch: Batch, wall: float) -> None:
         run = self.released.get(id(batch))
@@ -232,9 +247,13 @@ class Verdict:
 
     # -- judging ------------------------------------------------------------------------------
 
-    def judge(self) -> tuple[str, str, dict[str, Any]] | None:
+    def judge(self, sampled: bool = False) -> tuple[str, str, dict[str, Any]] | None:
         """Where the measurements so far place the function (side, why, figures), or None
-        while they are not enough."""
+        while they are not enough. ``sampled``: the last readings were taken from another
+        thread, as the calls ran; on a busy machine those miss the waits going on, so they
+        are not judged on (unless ``ENOUGH`` was measured)."""
+        if sampled and self._busy_now():
+            return None
         if self.calls and self.call_wall / self.calls < SHORT_CALL:
             return THREAD, "short", {"call": self.call_wall / self.calls}
         share = self.solo_share()
@@ -245,9 +264,13 @@ class Verdict:
         need = 2 * MIN_PAIR * _busy(self.pair_waited, self.pair_wall)
         if self.pair_time <= 0.0 or (self.pair_time < need and self.pair_wall < 2 * ENOUGH):
             return None
-        # Each of two threads alone would use ``share`` of the time it can run; together,
-        # what they use of it, times two, over that, is how the function scales.
-        scaling = 2 * (self.pair_cpu / self.pair_time) / share
+        # What two threads at once get of the CPU, over what one alone got, both per second
+        # of wall time: whatever else keeps the machine busy takes its part of both alike,
+        # and a function that holds the GIL cannot get more than one CPU's worth in all.
+        alone = self.solo_cpu / self.solo_wall if self.solo_wall > 0.0 else share
+        if alone <= 0.0:
+            return None
+        scaling = 2 * (self.pair_cpu / self.pair_wall) / alone
         close = _close(scaling, SCALES) and self.pair_time < CLOSE_MORE * need
         if close and self.pair_wall < 2 * ENOUGH:
             return None
@@ -313,7 +336,7 @@ class Verdict:
                 return False
             ratio = per_call / placed
             return ratio >= REVISIT or ratio <= 1 / REVISIT
-        return False  # "kept", "one-cpu", "gil-off", "unmeasured": measuring changes nothing
+        return False  # "kept", "one-cpu", "gil-off", "unmeasured", "failed": no change then
 
 
 _REASONS = {
@@ -325,6 +348,7 @@ _REASONS = {
     "one-cpu": "one CPU: processes could not run it faster",
     "gil-off": "the GIL is disabled: threads run it in parallel",
     "unmeasured": "this platform gives no thread's CPU time to measure it by",
+    "failed": "measuring it failed ({error})",
 }
 
 

@@ -243,6 +243,12 @@ def main(
             from ._base import log_initializer_failure
 
             log_initializer_failure()
+            # What the initializer queued for other processes (a QueueHandler's records in a
+            # multiprocessing.Queue) is flushed now, as at exit: once told, the pool may stop
+            # this worker before it exits by itself.
+            from multiprocessing import util
+
+            util._exit_function()  # type: ignore[attr-defined]
             send(_wire.dumps((INIT_FAILED, pack_error(exc))))
             return
     send(_wire.dumps((READY, os.getpid())))

@@ -275,10 +275,10 @@ class AutoBackend(Backend):
             if len(self._verdicts) < _VERDICTS_KEPT:
                 return
 
-    def _judge(self, verdict: Verdict) -> list[tuple[Batch, str, Verdict]]:
+    def _judge(self, verdict: Verdict, sampled: bool = False) -> list[tuple[Batch, str, Verdict]]:
         """Place ``verdict`` if its measurements are enough, else release what may be
         measured next; returns what to send where (lock held)."""
-        judged = verdict.judge()
+        judged = verdict.judge(sampled)
         if judged is None:
             out: list[tuple[Batch, str, Verdict]] = []
             while verdict.held and verdict.may_release():
@@ -293,6 +293,16 @@ class AutoBackend(Backend):
                 side, why = THREAD, "kept"
                 figures = {**figures, "error": problem}
         return [(batch, side, verdict) for batch in verdict.place(side, why, figures)]
+
+    def _give_up(self, verdict: Verdict, error: Exception) -> list[tuple[Batch, str, Verdict]]:
+        """Measuring failed (a bug, or a platform that does not say what it should): the
+        function runs on threads from now on, and ``decisions()`` says why; nothing held
+        may wait for a verdict that will not come (lock held)."""
+        if verdict.side is not None:
+            return []
+        problem = f"{type(error).__name__}: {error}"
+        verdict.released.clear()
+        return [(b, THREAD, verdict) for b in verdict.place(THREAD, "failed", {"error": problem})]
 
     def _cannot_travel(self, verdict: Verdict) -> str:
         """Why the function, or the arguments of a call waiting for it, cannot be pickled
@@ -354,13 +364,15 @@ class AutoBackend(Backend):
         with self._lock:
             run = verdict.released.get(id(batch))
             if run is not None:
-                if began:
-                    meter = Meter(threading.current_thread())
-                    verdict.began(run, meter)
-                    self._start_sampler()
-                else:  # cancelled meanwhile: its place goes to the next
-                    del verdict.released[id(batch)]
-                    routes = self._judge(verdict)
+                try:
+                    if began:
+                        verdict.began(run, Meter(threading.current_thread()))
+                        self._start_sampler()
+                    else:  # cancelled meanwhile: its place goes to the next
+                        del verdict.released[id(batch)]
+                        routes = self._judge(verdict)
+                except Exception as exc:
+                    routes = self._give_up(verdict, exc)
         self._send(routes)
         if began:  # (last: what this costs is not counted as the batch's)
             host.local.start = (batch, time.thread_time())
@@ -377,12 +389,15 @@ class AutoBackend(Backend):
         wall = batch.elapsed  # (the calls' own time, measured by the side that ran them)
         routes: list[tuple[Batch, str, Verdict]] = []
         with self._lock:
-            if id(batch) in verdict.released:
-                verdict.ended(batch, wall)
-                if verdict.side is None:
-                    routes = self._judge(verdict)
-            elif verdict.side == host.side and verdict.observe(len(batch), wall, cpu):
-                verdict.measure()
+            try:
+                if id(batch) in verdict.released:
+                    verdict.ended(batch, wall)
+                    if verdict.side is None:
+                        routes = self._judge(verdict)
+                elif verdict.side == host.side and verdict.observe(len(batch), wall, cpu):
+                    verdict.measure()
+            except Exception as exc:
+                routes = self._give_up(verdict, exc)
         self._send(routes)
 
     # -- the sampler ------------------------------------------------------------------------------
@@ -411,8 +426,11 @@ class AutoBackend(Backend):
                 routes: list[tuple[Batch, str, Verdict]] = []
                 for verdict in measured:
                     if verdict.side is None and verdict.running():
-                        verdict.tick()
-                        routes += self._judge(verdict)
+                        try:
+                            verdict.tick()
+                            routes += self._judge(verdict, sampled=True)
+                        except Exception as exc:
+                            routes += self._give_up(verdict, exc)
             self._send(routes)
             del routes
 
