@@ -206,23 +206,8 @@ class Pipeline(AsyncPipelineMethods[T]):
             >>> list(conveyor.Pipeline(["a", "b"]).map(str.upper, workers=2))
             ['A', 'B']
         """
-        return cast(
-            "Pipeline[U]",
-            self._add(
-                "map",
-                fn,
-                workers,
-                backend,
-                ordered,
-                rate,
-                timeout,
-                retries,
-                buffer,
-                name,
-                buffersize,
-                options,
-            ),
-        )
+        args = (workers, backend, ordered, rate, timeout, retries, buffer, name, buffersize)
+        return cast("Pipeline[U]", self._add("map", fn, *args, options))
 
     def flat_map(
         self,
@@ -249,23 +234,8 @@ class Pipeline(AsyncPipelineMethods[T]):
             >>> list(conveyor.Pipeline([1, 3]).flat_map(range))
             [0, 0, 1, 2]
         """
-        return cast(
-            "Pipeline[U]",
-            self._add(
-                "flat_map",
-                fn,
-                workers,
-                backend,
-                ordered,
-                rate,
-                timeout,
-                retries,
-                buffer,
-                name,
-                buffersize,
-                options,
-            ),
-        )
+        args = (workers, backend, ordered, rate, timeout, retries, buffer, name, buffersize)
+        return cast("Pipeline[U]", self._add("flat_map", fn, *args, options))
 
     def filter(
         self,
@@ -291,20 +261,8 @@ class Pipeline(AsyncPipelineMethods[T]):
             >>> list(conveyor.Pipeline(range(5)).filter(lambda x: x % 2))
             [1, 3]
         """
-        return self._add(
-            "filter",
-            fn,
-            workers,
-            backend,
-            ordered,
-            rate,
-            timeout,
-            retries,
-            buffer,
-            name,
-            buffersize,
-            options,
-        )
+        args = (workers, backend, ordered, rate, timeout, retries, buffer, name, buffersize)
+        return self._add("filter", fn, *args, options)
 
     def each(
         self,
