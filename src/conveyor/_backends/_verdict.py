@@ -5,11 +5,14 @@ A function the pool has not seen is *measured* on threads before it is placed:
 1. **Alone.** One call at a time runs (the others wait in ``held``) until ``MIN_SOLO`` seconds
    of calls have run: the share of their wall time that their thread spent on a CPU tells a
    call that waits (IO, a lock, a sleep) from one that computes.
-2. **In pairs.** A function that computes then runs two calls at once, for ``MIN_PAIR``
-   seconds: the CPU time both threads get together per second of wall time, over what one
-   got alone per second, is how the function *scales* on threads. A function that holds the
-   GIL scales about 1.0x (the two threads take turns: together they never get more than one
-   CPU); one that lets it go (NumPy, hashlib, zlib on large inputs) about 2.0x.
+2. **Beside a probe, or in pairs.** For a function that computes, the sampler thread then
+   computes in Python for ``PROBE`` seconds beside the call still running (``probe``): a call
+   that holds the GIL gets no CPU meanwhile (it waits for the GIL), one that lets the GIL go
+   gets as much as the probe. When there was no call to probe (calls shorter than a look of
+   the sampler) or the probe was disturbed, two calls run at once for ``MIN_PAIR`` seconds
+   instead: the CPU time both threads get together per second of wall time, over what one got
+   alone. Either way, a function that holds the GIL scales about 1.0x; one that lets it go
+   (NumPy, hashlib, zlib on large inputs) about 2.0x.
 
 A call's thread is read from outside (``Meter``) every time a measured call begins or ends
 and every ``SAMPLE`` seconds in between (``tick``), so that a call of minutes is judged within
@@ -104,6 +107,33 @@ class Meter:
         return int(_read(self.path + "schedstat").split()[1]) * 1e-9
 
 
+#: Seconds the sampler computes beside a call measured alone, to see whether they share the GIL.
+PROBE = 0.003
+
+
+def probe(run: Run) -> tuple[float, float, float]:
+    """Compute in Python for ``PROBE`` seconds beside ``run``'s call, on this thread, which
+    holds the GIL as it starts; returns the CPU seconds the call's thread and this one got
+    meanwhile. A call that holds the GIL gets none: it waits for the GIL, and asks for it only
+    after ``sys.getswitchinterval()`` (5 ms), longer than the probe. One that lets the GIL go
+    runs beside the probe, as much as this thread does if a CPU is free for it. So the sum
+    over this thread's part is how the function scales on two threads, without running a
+    second call and without waiting for a second thread to win the GIL; and a busy machine,
+    which slows both, cannot make a function that holds the GIL look as if it scaled. Also
+    returns the wall seconds: a probe that did not run throughout (its thread lost the GIL or
+    its CPU) proves nothing, and ``probed_with`` drops it."""
+    meter = run.meter
+    assert meter is not None
+    time.sleep(0)  # (a fresh turn of the GIL: the call asks for it back only 5 ms from now)
+    clock = time.perf_counter
+    start, theirs, mine = clock(), meter.cpu(), time.thread_time()
+    end = start + PROBE
+    while clock() < end:
+        for _ in range(100):
+            pass
+    return meter.cpu() - theirs, time.thread_time() - mine, clock() - start
+
+
 def _read(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -162,6 +192,8 @@ class Verdict:
         self.pair_wall = self.pair_waited = 0.0
         self.calls = 0
         self.call_wall = 0.0
+        self.probed = False  # the sampler probed a call for the GIL (see ``probe``)
+        self.probe_scaling: float | None = None
         self.per_call: float | None = None  # after placing: running mean of a call's seconds
         self.placed_per_call: float | None = None
         self.cpu_share: float | None = None  # after placing on threads: running mean
@@ -169,9 +201,38 @@ class Verdict:
     # -- measuring ------------------------------------------------------------------------------
 
     def may_release(self) -> bool:
-        """Whether one more batch may be measured now: one at a time, then two."""
+        """Whether one more batch may be measured now: one at a time, then two. While a call
+        measured alone still runs and computes, the sampler probes it instead (``wants_probe``):
+        a second call would be measured only once it ends."""
         share = self.solo_share()
-        return len(self.released) < (2 if share is not None and share >= CPU_BOUND else 1)
+        if share is None or share < CPU_BOUND:
+            return len(self.released) < 1
+        if not self.probed and self.running():
+            return len(self.released) < 1
+        return len(self.released) < 2
+
+    def wants_probe(self) -> Run | None:
+        """The call to probe for the GIL (see ``probe``): the one running alone, once it is
+        known to compute, if no pair was measured yet."""
+        runs = self.running()
+        if self.probed or self.pair_wall > 0.0 or len(runs) != 1:
+            return None
+        share = self.solo_share()
+        return runs[0] if share is not None and share >= CPU_BOUND else None
+
+    def probed_with(self, theirs: float, mine: float, wall: float) -> None:
+        """Take a probe's result: the CPU seconds the probed call's thread (``theirs``) and
+        the prober (``mine``) got in ``wall`` seconds (see ``probe``). One whose prober did
+        not run throughout is dropped: two calls at once are measured instead."""
+        self.probed = True
+        if mine >= 0.8 * wall > 0.0:
+            self.probe_scaling = (theirs + mine) / mine
+        # The probe's time is not the call's alone: the next tick counts from now.
+        self.tick_at = time.perf_counter()
+        for run in self.running():
+            assert run.meter is not None
+            run.cpu = run.meter.cpu()
+            run.waited = run.meter.waiting()
 
     def _busy_now(self) -> bool:
         """Whether the threads measured waited for a CPU much (> 10% of their time), and too
@@ -252,7 +313,7 @@ class Verdict:
         while they are not enough. ``sampled``: the last readings were taken from another
         thread, as the calls ran; on a busy machine those miss the waits going on, so they
         are not judged on (unless ``ENOUGH`` was measured)."""
-        if sampled and self._busy_now():
+        if sampled and self._busy_now() and self.probe_scaling is None:
             return None
         if self.calls and self.call_wall / self.calls < SHORT_CALL:
             return THREAD, "short", {"call": self.call_wall / self.calls}
@@ -261,6 +322,10 @@ class Verdict:
             return None
         if share < CPU_BOUND:
             return THREAD, "waits", {"share": share}
+        if self.probe_scaling is not None:
+            scaling = self.probe_scaling
+            figures = {"share": share, "scaling": scaling}
+            return (THREAD, "scales", figures) if scaling >= SCALES else (PROCESS, "gil", figures)
         need = 2 * MIN_PAIR * _busy(self.pair_waited, self.pair_wall)
         if self.pair_time <= 0.0 or (self.pair_time < need and self.pair_wall < 2 * ENOUGH):
             return None

@@ -37,7 +37,7 @@ from typing import Any
 from . import _wire
 from ._base import Backend, Batch
 from ._fnref import fn_key, fn_ref, is_fn
-from ._verdict import PROCESS, SAMPLE, THREAD, Meter, Run, Verdict, can_measure
+from ._verdict import PROCESS, SAMPLE, THREAD, Meter, Run, Verdict, can_measure, probe
 from .process import ProcessBackend, check_options
 from .thread import ThreadBackend
 
@@ -414,25 +414,59 @@ class AutoBackend(Backend):
         self._sampling.notify()
 
     def _sample(self) -> None:
+        due = 0.0
         while True:
+            probing: tuple[Verdict, Run] | None = None
             with self._lock:
                 if self._stopping:
                     return
                 measured = [v for v in self._verdicts.values() if v.side is None and v.running()]
                 if not measured:
                     self._sampling.wait()
-                    continue
-                self._sampling.wait(SAMPLE)
+                    continue  # (woken as a measured call begins: look at once, next time)
+                # Under a call that holds the GIL, each wake-up costs a turn of the GIL (5 ms):
+                # no more of them than it takes.
+                wait = due - time.perf_counter()
+                if wait > 0.0:
+                    self._sampling.wait(wait)
+                due = time.perf_counter() + SAMPLE
                 routes: list[tuple[Batch, str, Verdict]] = []
                 for verdict in measured:
                     if verdict.side is None and verdict.running():
                         try:
                             verdict.tick()
                             routes += self._judge(verdict, sampled=True)
+                            run = verdict.wants_probe() if verdict.side is None else None
+                            if run is not None and probing is None:
+                                probing = (verdict, run)
                         except Exception as exc:
                             routes += self._give_up(verdict, exc)
             self._send(routes)
             del routes
+            if probing is not None:
+                self._probe(*probing)
+
+    def _probe(self, verdict: Verdict, run: Run) -> None:
+        """Probe ``run``'s call for the GIL (``_verdict.probe``, without the lock), then judge."""
+        try:
+            measured = probe(run)
+            # (Read at once, without the lock, a dict lookup under the GIL: the call must have
+            # run throughout the probe, since one that ended stopped using a CPU.)
+            ran_throughout = verdict.released.get(id(run.batch)) is run
+        except Exception as exc:
+            with self._lock:
+                routes = self._give_up(verdict, exc)
+            self._send(routes)
+            return
+        routes = []
+        with self._lock:
+            if measured is not None and ran_throughout and verdict.side is None:
+                try:
+                    verdict.probed_with(*measured)
+                    routes = self._judge(verdict, sampled=True)
+                except Exception as exc:
+                    routes = self._give_up(verdict, exc)
+        self._send(routes)
 
 
 def _arguments_problem(batch: Batch) -> str:
