@@ -110,6 +110,19 @@ def test_a_failure_to_measure_leaves_the_function_on_threads(
     assert decision == "thread (measuring it failed (ZeroDivisionError: a bug in measuring))"
 
 
+async def _async_double(x: int) -> int:
+    return 2 * x
+
+
+def test_a_coroutine_function_submitted_call_by_call_is_one_function() -> None:
+    # Each call gets a new plain wrapper (run on a loop of its own): the pool still knows
+    # them as one function, measured once, and named by it.
+    with conveyor.Pool("auto", 2) as pool:
+        for x in range(20):
+            assert pool.submit(_async_double, x).result(funcs.WAIT) == 2 * x
+        assert list(pool.decisions()) == ["_async_double"]
+
+
 def test_decisions_are_empty_on_the_other_backends() -> None:
     with conveyor.Pool("thread", 2) as pool:
         pool.submit(funcs.double, 1).result(funcs.WAIT)

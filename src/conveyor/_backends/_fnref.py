@@ -13,15 +13,25 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
-__all__ = ["FnRef", "fn_key", "fn_ref", "is_fn"]
+__all__ = ["FnRef", "fn_key", "fn_ref", "is_fn", "unwrapped"]
 
 #: A call that returns the function remembered, or None once it is gone.
 FnRef = Callable[[], object]
 
 
+def unwrapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function a wrapper of conveyor's own stands for (``conveyor_wraps``: a coroutine
+    function made plain, new for each call), else ``fn``: it is remembered as that function."""
+    inner: Callable[..., Any] | None = getattr(type(fn), "conveyor_wraps", None) and getattr(
+        fn, "conveyor_wraps", None
+    )
+    return fn if inner is None else inner
+
+
 def fn_key(fn: Callable[..., Any]) -> Hashable:
     """What ``fn`` is remembered under: its id, or for a bound method, those of its function
     and object (each ``obj.method`` is a new object)."""
+    fn = unwrapped(fn)
     if type(fn) is types.MethodType:
         return (id(fn.__func__), id(fn.__self__))
     return id(fn)
@@ -30,6 +40,7 @@ def fn_key(fn: Callable[..., Any]) -> Hashable:
 def fn_ref(fn: Callable[..., Any]) -> FnRef | None:
     """A weak reference to ``fn``; None if it can be neither referred to weakly nor held
     without holding an object (a builtin method bound to an object: ``[].append``)."""
+    fn = unwrapped(fn)
     try:
         if type(fn) is types.MethodType:
             return weakref.WeakMethod(fn)
@@ -43,6 +54,7 @@ def fn_ref(fn: Callable[..., Any]) -> FnRef | None:
 
 def is_fn(ref: FnRef, fn: Callable[..., Any]) -> bool:
     """Whether ``ref`` refers to ``fn`` (or to a bound method equal to it)."""
+    fn = unwrapped(fn)
     target = ref()
     return target is fn or (type(fn) is types.MethodType and target == fn)
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import _wire
 from ._base import Backend, Batch
-from ._fnref import fn_key, fn_ref, is_fn
+from ._fnref import fn_key, fn_ref, is_fn, unwrapped
 from ._verdict import PROCESS, SAMPLE, THREAD, Meter, Run, Verdict, can_measure, probe
 from .process import ProcessBackend, check_options
 from .thread import ThreadBackend
@@ -247,8 +247,9 @@ class AutoBackend(Backend):
             return verdict
         if len(self._verdicts) >= _VERDICTS_KEPT:
             self._forget()
-        module = getattr(fn, "__module__", None) or ""
-        verdict = Verdict(getattr(fn, "__qualname__", None) or repr(fn), module, ref)
+        named = unwrapped(fn)
+        module = getattr(named, "__module__", None) or ""
+        verdict = Verdict(getattr(named, "__qualname__", None) or repr(named), module, ref)
         if not self._gil:
             verdict.place(THREAD, "gil-off", {})
         elif self._cpus < 2:
