@@ -23,7 +23,8 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import conveyor
 
@@ -133,17 +134,20 @@ def crawl(root: str, out: Any) -> int:
     return records
 
 
-def main() -> None:
+def run_on_local_site(crawl: Callable[[str, TextIO], int]) -> None:
+    """Serve the site, run ``crawl(root_url, out)`` on it (to the file named on the command
+    line, else stdout), then print a summary of what the server saw to stderr."""
     server = _Server()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    root = f"http://127.0.0.1:{server.server_port}"
     try:
         start = time.perf_counter()
         if len(sys.argv) > 1:
             with open(sys.argv[1], "w", encoding="utf-8") as out:
-                records = crawl(f"http://127.0.0.1:{server.server_port}", out)
+                records = crawl(root, out)
         else:
-            records = crawl(f"http://127.0.0.1:{server.server_port}", sys.stdout)
+            records = crawl(root, sys.stdout)
         seconds = time.perf_counter() - start
     finally:
         server.shutdown()
@@ -157,6 +161,10 @@ def main() -> None:
         "list_hits": {path: n for path, n in server.hits.items() if path.startswith("/list/")},
     }
     print(json.dumps(summary), file=sys.stderr)
+
+
+def main() -> None:
+    run_on_local_site(crawl)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from crawler import ITEMS_PER_PAGE, LIST_PAGES, _Server, detail_links, parse
+from crawler import LIST_PAGES, detail_links, parse, run_on_local_site
 
 import conveyor
 
@@ -71,30 +69,7 @@ async def crawl(root: str, out: Any) -> int:
 
 
 def main() -> None:
-    server = _Server()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    root = f"http://127.0.0.1:{server.server_port}"
-    try:
-        start = time.perf_counter()
-        if len(sys.argv) > 1:
-            with open(sys.argv[1], "w", encoding="utf-8") as out:
-                records = asyncio.run(crawl(root, out))
-        else:
-            records = asyncio.run(crawl(root, sys.stdout))
-        seconds = time.perf_counter() - start
-    finally:
-        server.shutdown()
-        server.server_close()
-    details = {path: n for path, n in server.hits.items() if path.startswith("/item/")}
-    summary = {
-        "records": records,
-        "seconds": round(seconds, 3),
-        "detail_pages": LIST_PAGES * ITEMS_PER_PAGE,
-        "detail_hits": details,
-        "list_hits": {path: n for path, n in server.hits.items() if path.startswith("/list/")},
-    }
-    print(json.dumps(summary), file=sys.stderr)
+    run_on_local_site(lambda root, out: asyncio.run(crawl(root, out)))
 
 
 if __name__ == "__main__":

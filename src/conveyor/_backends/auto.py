@@ -156,9 +156,7 @@ class AutoBackend(Backend):
 
     def drain(self) -> list[Batch]:
         with self._lock:
-            taken = [batch for verdict in self._verdicts.values() for batch in verdict.held]
-            for verdict in self._verdicts.values():
-                verdict.held.clear()
+            taken = self._take_held()
             processes = self._processes
         from_sides = self._threads.drain()
         if processes is not None:
@@ -175,10 +173,7 @@ class AutoBackend(Backend):
     def shutdown(self, wait: bool, kill: bool = False) -> None:
         with self._lock:
             self._stopping = True
-            # Held batches still run (close() lets queued work finish), on threads.
-            held = [batch for verdict in self._verdicts.values() for batch in verdict.held]
-            for verdict in self._verdicts.values():
-                verdict.held.clear()
+            held = self._take_held()  # (they still run, on threads: close() lets them)
             self._sampling.notify_all()
             sampler = self._sampler
             processes = self._processes
@@ -236,6 +231,13 @@ class AutoBackend(Backend):
                 for name, same in named.items()
                 for verdict in same
             }
+
+    def _take_held(self) -> list[Batch]:
+        """Every batch waiting for a verdict, taken out (lock held)."""
+        taken = [batch for verdict in self._verdicts.values() for batch in verdict.held]
+        for verdict in self._verdicts.values():
+            verdict.held.clear()
+        return taken
 
     # -- verdicts -------------------------------------------------------------------------------
 
@@ -328,17 +330,14 @@ class AutoBackend(Backend):
                     processes = self._process_side()
                 except Exception as exc:  # (a process being started, say: it may not start others)
                     processes = None
-                    with self._lock:
-                        if verdict.side == PROCESS:
-                            problem = f"processes cannot start here ({type(exc).__name__}: {exc})"
-                            verdict.place(THREAD, "kept", {**verdict.figures, "error": problem})
+                    self._keep_on_threads(
+                        verdict, f"processes cannot start here ({type(exc).__name__}: {exc})"
+                    )
                 if processes is not None and verdict.checked < _CHECKED_BATCHES:
                     verdict.checked += 1
                     problem = _arguments_problem(batch)
                     if problem:
-                        with self._lock:
-                            if verdict.side == PROCESS:
-                                verdict.place(THREAD, "kept", {**verdict.figures, "error": problem})
+                        self._keep_on_threads(verdict, problem)
                         processes = None
                 if processes is not None:
                     batch.host = verdict.hosts[1]
@@ -348,6 +347,12 @@ class AutoBackend(Backend):
                     continue
             batch.host = verdict.hosts[0]
             self._threads.submit(batch)
+
+    def _keep_on_threads(self, verdict: Verdict, problem: str) -> None:
+        """A function placed on processes cannot go there after all (lock not held)."""
+        with self._lock:
+            if verdict.side == PROCESS:
+                verdict.place(THREAD, "kept", {**verdict.figures, "error": problem})
 
     def _process_side(self) -> ProcessBackend | None:
         """The process backend, made on first use; None once the pool stops."""
