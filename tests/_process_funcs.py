@@ -207,6 +207,14 @@ def crash_on(x: int, bad: int, how: str) -> int:
     return x
 
 
+def crash_on_noting(x: int, bad: int, how: str, path: str) -> int:
+    """``crash_on``, first adding a line to ``path`` for each time the bad call runs."""
+    if x == bad:
+        with open(path, "a") as file:
+            file.write(f"{x}\n")
+    return crash_on(x, bad, how)
+
+
 def exit_with(data: Any, code: int) -> None:
     """Receive ``data`` (perhaps large), then die."""
     os._exit(code)

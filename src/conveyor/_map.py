@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import queue
 import time
 import weakref
@@ -23,6 +24,13 @@ R = TypeVar("R")
 
 #: Largest batch the sizer builds on its own; an explicit ``chunksize`` may be larger.
 MAX_BATCH = 4096
+#: A batch measured to run under this many seconds is short...
+SHORT_BATCH_SECONDS = 0.001
+#: ... and a map keeps up to this many such batches in flight per worker (else 4).
+SHORT_BATCHES_PER_WORKER = 128
+#: Batches near the end of an input of known length hold at most 1 / (this x workers) of
+#: what is left (see ``_batch_size``).
+TAIL_SHARES = 2
 #: Items a map keeps in flight when the caller sets no ``buffersize``.
 DEFAULT_WINDOW_ITEMS = 65536
 
@@ -174,6 +182,8 @@ class _MapState:
         if known is not None:
             self._per_item = self._measured_seconds = known
             self._measured_calls = 1.0
+        self._measured_here = 0  # batches of this map measured so far
+        self._window = self._window_batches()
         self._done: queue.SimpleQueue[Batch] = queue.SimpleQueue()
         self._sink: Callable[[Batch], object] = self._done.put
         if observer is not None:
@@ -193,6 +203,8 @@ class _MapState:
         if self._closed:
             return
         self._closed = True
+        if self._measured_here and self._per_item is not None:
+            self._ledger.costs.put(self._fn, self._per_item)
         self._exhausted = True
         pending = list(self._inflight.values())
         self._inflight.clear()
@@ -244,7 +256,12 @@ class _MapState:
             self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
             self._measured_calls = 0.5 * self._measured_calls + len(batch)
             self._per_item = self._measured_seconds / self._measured_calls
-            self._ledger.costs.put(self._fn, self._per_item)
+            self._measured_here += 1
+            if self._measured_here == 1:
+                # Other maps of the function starting now size from this (and close() keeps
+                # the last measure for the maps after).
+                self._ledger.costs.put(self._fn, self._per_item)
+            self._window = self._window_batches()
             self._fill()
         return batch
 
@@ -256,20 +273,41 @@ class _MapState:
         if self._per_item is None:
             return 1  # an unmeasured function may be slow: one slow batch would hold back all
 
-        size = int(self._target / max(self._per_item, 1e-9))
-        return max(1, min(self._size_cap, size))
+        size = max(1, min(self._size_cap, int(self._target / max(self._per_item, 1e-9))))
+        if size > 1:
+            # Near the end of an input of known length, batches shrink, so that the workers
+            # finish together rather than one of them running a last long batch alone.
+            if self._range is not None:
+                left = len(self._range) - self._taken
+            else:
+                left = operator.length_hint(self._inputs, -1)
+            if left >= 0:
+                size = max(1, min(size, -(-left // (TAIL_SHARES * self._workers))))
+        return size
+
+    def _window_batches(self) -> float:
+        """How many batches the window holds now (besides its ``_max_items`` calls)."""
+        if self._eager:
+            return self._max_batches
+        if self._chunksize is None and (self._per_item is None or not self._measured_here):
+            # Until a call has been measured, two batches per worker: one to run, one
+            # waiting, so that a worker ending its first call finds the next without waiting
+            # for this thread to measure it and refill (the measure comes with the first end).
+            # (Also when sized from an earlier map: the calls of this one may be longer.)
+            return min(self._max_batches, 2 * self._workers)
+        if self._per_item is not None and self._per_item * self._batch_size() < SHORT_BATCH_SECONDS:
+            # Batches this short (a small chunksize, or a timeout making each call its own
+            # batch) each cost the pool a round of its own: keep enough queued that workers
+            # never wait for this thread to refill.
+            return max(self._max_batches, SHORT_BATCHES_PER_WORKER * self._workers)
+        return self._max_batches
 
     def _fill(self) -> None:
         """Pull and submit input while the window has room."""
         if self._exhausted:
             return
         ledger = self._ledger
-        # Until a call has been measured, two one-call batches per worker: one to run, one
-        # waiting, so that a worker ending its first call finds the next without waiting for
-        # this thread to measure it and refill (the measure comes with the first end).
-        max_batches = self._max_batches
-        if self._per_item is None and self._chunksize is None and not self._eager:
-            max_batches = min(max_batches, 2 * self._workers)
+        max_batches = self._window
         while len(self._inflight) < max_batches and self._items < self._max_items:
             size = self._batch_size()
             if self._max_items != float("inf"):

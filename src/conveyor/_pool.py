@@ -59,6 +59,20 @@ class PoolStatistics:
     retried: int
 
 
+#: This process's id, kept current across forks: asking the kernel on every submit costs a
+#: system call.
+_this_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _this_pid
+    _this_pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 def _drop_backend(backend: Backend, ledger: Ledger, pid: int) -> None:
     """A pool dropped without shutdown stops its backend, in the process that made it."""
     if os.getpid() == pid:
@@ -503,7 +517,7 @@ class Pool(AsyncPoolMethods, Executor):
 
     def _forked_away(self) -> bool:
         """Whether this is a child forked from the process that made the pool."""
-        return os.getpid() != self._pid
+        return _this_pid != self._pid
 
     def _check_process(self) -> None:
         if self._forked_away():

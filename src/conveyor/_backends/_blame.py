@@ -123,11 +123,17 @@ class Blame(Scheduling):
                     )
                 )
         elif proc.jobs:
-            head = proc.jobs.popleft()
-            for later in reversed(proc.jobs):  # never started
-                self._requeue(later)
+            # The job it died in is the one its mark names: those before it in the same
+            # message had run, but their outcomes were held back with it (see
+            # _worker._run_many); they run again, as do those it never began.
+            jobs = list(proc.jobs)
             proc.jobs.clear()
-            self._crashed(head, proc, code)
+            ordinal = int(proc.mark[0])
+            culprit = next((job for job in jobs if job.ordinal == ordinal), jobs[0])
+            for job in reversed(jobs):
+                if job is not culprit:
+                    self._requeue(job)
+            self._crashed(culprit, proc, code)
         if proc.spare:
             crew.keep_spares()
         elif not proc.leaving:

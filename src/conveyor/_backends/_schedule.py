@@ -8,8 +8,9 @@ finished, how long it ran: see ``_worker.RESULTS_HEADER``), and the rest is kept
 once the run has ended, it goes to the role's ``_ended`` list, and ``BatchRun.end`` unpickles
 the outcomes and finishes the batch outside the role (see ``process``), since unpickling a
 result runs its code. Every worker runs one job and, when jobs are measured to be short, has one
-more waiting in its pipe (pipelining). Calls measured to take microseconds run in the worker's
-fast loop, unmarked (see ``_worker``).
+more message waiting in its pipe (pipelining). Short jobs queued together travel to a worker in
+one message, and their outcomes come back in one (see ``_send``). Calls measured to take
+microseconds run in the worker's fast loop, unmarked (see ``_worker``).
 
 Threads: everything here is owned by whoever holds the dispatcher role (see ``process``). The
 only state shared with other threads is the inbox (a deque, whose operations are atomic) and
@@ -27,7 +28,7 @@ import collections
 import itertools
 import time
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from .._errors import BrokenPool, PicklingFailed, UnpicklingFailed
 from . import _wire, _worker
@@ -49,6 +50,8 @@ PIPELINE_BYTES = 32 << 10
 #: A job measured to end within this many seconds is waited for without sleeping: waking a
 #: sleeping thread costs tens of microseconds on a virtual machine, as much as such a job.
 SPIN_SECONDS = 100e-6
+#: Most jobs sent to a worker in one message (see ``Scheduling._send``).
+BUNDLE_JOBS = 64
 #: Calls measured to take less than this run in the worker's fast loop (see _worker).
 TRIVIAL_CALL_SECONDS = 2e-6
 #: Functions cached per pool (and per worker) before the caches are reset.
@@ -148,6 +151,7 @@ class Job:
 
     __slots__ = (
         "careful",
+        "closing",
         "deadline",
         "files",
         "indexes",
@@ -169,6 +173,7 @@ class Job:
         self.files: list[str] = []  # shared-memory files of the sent message
         self.segments: list[str] = []  # the pool's segments it was sent in (see _wire)
         self.ordinal = 0  # this job's number among those sent to its worker
+        self.closing = 0  # the ordinal of the last job sent in the same message
         self.large = False  # its message is too large to wait in a pipe (PIPELINE_BYTES)
         run.open_jobs += 1
 
@@ -185,10 +190,20 @@ class FunctionCache:
         )
         self._ids = itertools.count()
         self._seconds: dict[int, float] = {}  # measured seconds per call, by wire id
+        self._last: tuple[FnRef, int, bytes] | None = None  # the entry found last...
+        self._last_key: Hashable = None  # ... and its key
 
     def _entry(self, fn: Any) -> tuple[FnRef, int, bytes] | None:
-        entry = self._entries.get(fn_key(fn))
-        return entry if entry is not None and is_fn(entry[0], fn) else None
+        last = self._last
+        if last is not None and last[0]() is fn:
+            return last  # the function of the batch before, asked of again and again
+        key = fn_key(fn)
+        entry = self._entries.get(key)
+        if entry is not None and is_fn(entry[0], fn):
+            self._last = entry
+            self._last_key = key
+            return entry
+        return None
 
     def blob_for(self, proc: Proc, fn: Any) -> tuple[int, bytes | None]:
         """The id under which ``proc`` knows ``fn``, and its pickle if it does not yet."""
@@ -201,8 +216,9 @@ class FunctionCache:
                 if len(self._entries) > FUNCTION_CACHE:
                     _, (_, old_id, _) = self._entries.popitem(last=False)
                     self._seconds.pop(old_id, None)
+                    self._last = None
         else:
-            self._entries.move_to_end(fn_key(fn))
+            self._entries.move_to_end(self._last_key)  # (_entry found it: it is _last)
         fn_id = entry[1]
         if fn_id in proc.known:
             return fn_id, None
@@ -278,7 +294,7 @@ class Scheduling:
             for proc in self._crew.procs:
                 if proc.spare:
                     continue
-                while not proc.leaving and len(proc.jobs) < depth and self._has_room(proc):
+                while not proc.leaving and self._in_flight(proc) < depth and self._has_room(proc):
                     # Look before taking: a batch taken has begun (its future runs, its
                     # place under max_pending is freed), so take only what is sent now.
                     if proc.jobs and not (self._is_short(proc.jobs[0]) and self._next_is_short()):
@@ -384,7 +400,71 @@ class Scheduling:
     def _send(self, proc: Proc, job: Job) -> bool:
         """Send ``job`` to ``proc`` (or end it, if it cannot be pickled); False if it is too
         large to wait in ``proc``'s pipe (``PIPELINE_BYTES``), and is queued again for a ready,
-        idle worker."""
+        idle worker.
+
+        A short job takes the short jobs queued behind it along, in the same message, up to
+        ``proc``'s share of the queue (``_bundle_share``): many submits of quick calls cost
+        one write and one read each way instead of one per call. A job not measured to be
+        short always travels alone, so a lone call is never held back."""
+        payload = self._pack(proc, job, queued=bool(proc.jobs) or not proc.ready)
+        if payload is None:
+            return True
+        if payload is False:
+            return False
+        parts = [payload]
+        sent = [job]
+        if self._is_short(job):
+            share = self._bundle_share(proc)
+            size = len(payload)
+            while (
+                len(parts) < share
+                and size < PIPELINE_BYTES
+                and self._has_room(proc)
+                and self._next_is_short()
+            ):
+                more = self._next_job()
+                if more is None:
+                    break
+                packed = self._pack(proc, more, queued=True)
+                if packed is False:
+                    break  # too large to wait: it goes alone to an idle worker
+                if packed is not None:
+                    parts.append(packed)
+                    sent.append(more)
+                    size += len(packed)
+        for each in sent:
+            each.closing = proc.sent
+        message = _RUN + parts[0] if len(parts) == 1 else _worker.bundle(parts, _worker.RUN_MANY)
+        try:
+            proc.conn.send_bytes(message)
+        except OSError:
+            pass  # the worker is dead; its sentinel reports it and the job runs elsewhere
+        return True
+
+    def _bundle_share(self, proc: Proc) -> int:
+        """How many queued jobs may go to ``proc`` in one message: its share of the queue
+        among the workers that could take work now, so that no worker idles while another
+        holds a bundle."""
+        takers = 1
+        for other in self._crew.procs:
+            if other is not proc and not other.spare and not other.leaving:
+                takers += self._in_flight(other) < 2
+        queued = len(self._jobs) + len(self._inbox) + 1
+        return min(BUNDLE_JOBS, -(-queued // takers))
+
+    @staticmethod
+    def _in_flight(proc: Proc) -> int:
+        """Messages of jobs ``proc`` has not finished: 0, 1, or 2 (two or more)."""
+        jobs = proc.jobs
+        if not jobs:
+            return 0
+        return 1 if jobs[0].closing == jobs[-1].closing else 2
+
+    def _pack(self, proc: Proc, job: Job, queued: bool) -> bytes | Literal[False] | None:
+        """The body of ``job``'s message to ``proc``, and ``job`` on ``proc``'s list; None if
+        it ended or was split instead (it cannot be pickled); False if it is too large to
+        wait in the pipe (``queued``: behind another job, or for a worker still starting),
+        and is queued again."""
         batch = job.run.batch
         if self._max_tasks is not None:
             room = self._max_tasks - proc.done
@@ -396,7 +476,7 @@ class Scheduling:
         except Exception as exc:
             problem = exc
             self._fail_job(job, lambda: pickling_failed("function", problem))
-            return True
+            return None
         indexes = job.indexes
         args: Sequence[Any]
         if isinstance(indexes, range) and len(indexes) == len(batch):
@@ -416,8 +496,8 @@ class Scheduling:
             if fn_blob is not None:
                 proc.known.discard(fn_id)
             self._split_unpicklable(job)
-            return True
-        if (proc.jobs or not proc.ready) and len(payload) > PIPELINE_BYTES:
+            return None
+        if queued and len(payload) > PIPELINE_BYTES:
             _wire.forget_files(_wire.files_of(payload))
             self._segments.release(self._segments.last)
             if fn_blob is not None:
@@ -434,11 +514,7 @@ class Scheduling:
             # A worker still starting sets the clock going when it is ready (see _handle).
             job.deadline = time.monotonic() + batch.timeout
         proc.jobs.append(job)
-        try:
-            proc.conn.send_bytes(_RUN + payload)
-        except OSError:
-            pass  # the worker is dead; its sentinel reports it and the job runs elsewhere
-        return True
+        return payload
 
     def _receive(self, proc: Proc) -> bool:
         """Read what ``proc`` sent; False if its pipe is closed."""
@@ -452,11 +528,15 @@ class Scheduling:
             if not proc.pending.poll(0):
                 return True
 
-    def _handle(self, proc: Proc, data: bytes) -> None:
+    def _handle(self, proc: Proc, data: bytes | memoryview) -> None:
         """Act on a message. Only a RESULTS message holds user objects: its head is read
         here, the rest once its batch has ended (see the module's doc)."""
         if data[0] == _worker.RESULTS:
             self._results(proc, data)
+            return
+        if data[0] == _worker.MANY:
+            for part in _worker.unbundle(memoryview(data)[1:]):
+                self._handle(proc, part)
             return
         try:
             # The other messages hold the pool's own objects: kinds, names and exceptions
@@ -488,7 +568,7 @@ class Scheduling:
             if head is not None and head.run.batch.timeout is not None and head.deadline is None:
                 head.deadline = time.monotonic() + head.run.batch.timeout
 
-    def _results(self, proc: Proc, data: bytes) -> None:
+    def _results(self, proc: Proc, data: bytes | memoryview) -> None:
         """Outcomes of ``proc``'s oldest job: its bookkeeping moves on, and the outcomes are
         kept, still pickled, for ``BatchRun.end``."""
         _, first, count, finished, elapsed = _HEADER.unpack_from(data)

@@ -6,8 +6,10 @@ process dies the pool knows which call killed it (-1: while unpickling the job).
 
 Outcomes are sent when the job ends, and earlier whenever ``FLUSH_SECONDS`` of work has
 accumulated: a slow call's result leaves as soon as it exists, while trivial calls travel in
-bulk. If the worker dies, only results younger than that interval can be lost; those calls run
-again elsewhere.
+bulk. Jobs the pool sent together in one message (``RUN_MANY``: short jobs queued for this
+worker, such as many single submits) send their outcomes back together the same way (``MANY``).
+If the worker dies, only results younger than that interval can be lost; those calls run again
+elsewhere.
 
 The worker exits when the pool closes its pipe, when told to stop, or when the pool's process
 dies: a thread watches ``lifeline``, a pipe whose other end only the pool holds (a worker
@@ -36,13 +38,15 @@ from . import _wire
 RUN = 0  # RUN + (fn_id, fn_blob | None, star, kwargs | None, fast, args)
 STOP = 1  # STOP
 FORGET = 2  # FORGET: drop cached functions
+RUN_MANY = 3  # RUN_MANY + several RUN bodies (see ``bundle``): jobs the pool sent together
 # Messages, worker -> pool; each is about the oldest job not finished yet. Each is a pickle
 # (a ``_wire`` message, whose first byte is below 10) of a tuple whose first item is its kind,
-# except RESULTS, which starts with its own byte (see ``RESULTS_HEADER``).
+# except RESULTS and MANY, which start with their own byte (see ``RESULTS_HEADER``, ``bundle``).
 READY = 10  # (READY, pid)
 RESULTS = 11  # RESULTS_HEADER, then the _wire message of (errors, values)
 UNREADABLE = 12  # (UNREADABLE, error): the job could not be unpickled
 INIT_FAILED = 13  # (INIT_FAILED, error)
+MANY = 15  # MANY + several of the messages above (see ``bundle``), in the order they were made
 
 #: A pool's initializer, pickled as a function (by value if need be), and its arguments as
 #: they are: they travel as a new process's arguments (or are inherited), where objects that
@@ -57,6 +61,7 @@ KEPT = 14  # (KEPT, names): the job's segments still in use here (see _wire.Segm
 #: follows, of ``(errors, values)``, is read outside (see ``process``). ``errors`` maps a
 #: value's position in the message to its exception, pickled on its own (``pack_error``).
 RESULTS_HEADER = struct.Struct("<BqI?d")
+_COUNT = struct.Struct("<I")
 
 FLUSH_SECONDS = 0.001
 #: A worker whose last job came within this many seconds of the one before waits for the next
@@ -277,6 +282,9 @@ def main(
         if kind == RUN:
             _run(memoryview(data)[1:], functions, mark, send)
             idle_since = clock()
+        elif kind == RUN_MANY:
+            _run_many(memoryview(data)[1:], functions, mark, send)
+            idle_since = clock()
         elif kind == FORGET:
             functions.clear()
         else:
@@ -331,6 +339,49 @@ def _run(
     job = _prepare(data, functions, mark, send)
     if job is not None:
         job.run()
+
+
+def _run_many(
+    data: memoryview,
+    functions: dict[int, Callable[..., Any]],
+    mark: Any,
+    send: Callable[[bytes], None],
+) -> None:
+    """Run jobs the pool sent in one message (short ones: see ``_schedule``), and send their
+    messages back together: when all have run, or once ``FLUSH_SECONDS`` have passed since
+    the oldest message held, so that no outcome waits long behind the others."""
+    held: list[bytes] = []
+    clock = time.perf_counter
+    since = clock()
+    for part in unbundle(data):
+        if not held:
+            since = clock()
+        _run(part, functions, mark, held.append)
+        if held and clock() - since >= FLUSH_SECONDS:
+            send(bundle(held))
+            held = []
+    if held:
+        send(bundle(held))
+
+
+def bundle(messages: Sequence[bytes | memoryview], kind: int = MANY) -> bytes:
+    """One message of ``kind`` holding ``messages`` (a lone message goes as itself, unless it
+    is a job): their count, each one's length, then each one."""
+    if len(messages) == 1 and kind == MANY:
+        return bytes(messages[0])
+    head = struct.pack(f"<BI{len(messages)}I", kind, len(messages), *map(len, messages))
+    return b"".join([head, *messages])
+
+
+def unbundle(data: memoryview) -> list[memoryview]:
+    """The messages in the body of a ``bundle`` (without its first byte, the kind)."""
+    (count,) = _COUNT.unpack_from(data)
+    offset = _COUNT.size * (count + 1)
+    parts = []
+    for (length,) in _COUNT.iter_unpack(data[_COUNT.size : offset]):
+        parts.append(data[offset : offset + length])
+        offset += length
+    return parts
 
 
 def _prepare(
