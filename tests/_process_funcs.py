@@ -215,6 +215,17 @@ def crash_on_noting(x: int, bad: int, how: str, path: str) -> int:
     return crash_on(x, bad, how)
 
 
+def nap_noting_or_exit(x: int, bad: int, path: str) -> int:
+    """Note ``x`` in ``path``, sleep 20 ms (calls of steady length), return ``x``; exit at
+    ``bad`` instead of sleeping."""
+    with open(path, "a") as file:
+        file.write(f"{x}\n")
+    if x == bad:
+        os._exit(3)
+    time.sleep(0.02)
+    return x
+
+
 def exit_with(data: Any, code: int) -> None:
     """Receive ``data`` (perhaps large), then die."""
     os._exit(code)

@@ -1,6 +1,7 @@
 """Short jobs queued for a worker travel together: one message out, one back (``_schedule``
-``_send``, ``_worker._run_many``). Every call still has exactly one outcome, in its own
-future, and a fault inside such a message fails only the call that was running.
+``_send``, ``_worker._run_many``); a job of steady length gets the next one queued behind it
+just before it ends (``_schedule._prefetch_at``). Every call still has exactly one outcome, in
+its own future, and a fault fails only the call that was running.
 
 The tests count the messages of several jobs the pool sends (a spy on ``_worker.bundle``, in
 the pool's process), so that a test of faults inside them cannot pass without any."""
@@ -17,7 +18,7 @@ import _process_funcs as funcs
 import pytest
 
 import conveyor
-from conveyor._backends import _worker
+from conveyor._backends import _schedule, _worker
 
 CALLS = 600
 
@@ -135,3 +136,31 @@ def test_a_map_of_single_calls_keeps_its_order(bundles: list[int]) -> None:
         results = list(pool.map(funcs.double, range(3 * CALLS), chunksize=1))
     assert results == [2 * i for i in range(3 * CALLS)]
     assert max(bundles, default=0) > 1
+
+
+def test_a_crash_while_the_next_job_waits_behind_it_runs_that_job_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    queued_ahead = []
+    original = _schedule.Scheduling._prefetch_now
+
+    def spy(self: _schedule.Scheduling, proc: Any) -> bool:
+        due = original(self, proc)
+        if due:
+            queued_ahead.append(proc)
+        return due
+
+    monkeypatch.setattr(_schedule.Scheduling, "_prefetch_now", spy)
+    runs = tmp_path / "runs"
+    calls, bad = 80, 60
+    with conveyor.Pool("process", 2) as pool:
+        futures = [pool.submit(funcs.nap_noting_or_exit, i, bad, str(runs)) for i in range(calls)]
+        for i, future in enumerate(futures):
+            error = future.exception(timeout=funcs.WAIT)
+            if i == bad:
+                assert isinstance(error, conveyor.WorkerCrashed)
+            else:
+                assert error is None and future.result() == i
+    # Each call ran once: the job queued behind the crashed one had not begun.
+    assert sorted(int(line) for line in runs.read_text().split()) == list(range(calls))
+    assert queued_ahead
