@@ -109,6 +109,9 @@ class Meter:
 
 #: Seconds the sampler computes beside a call measured alone, to see whether they share the GIL.
 PROBE = 0.003
+#: A thread on a CPU for this share of the time since the last look is computing: the
+#: sampler does not read its waits for a CPU then (see ``Verdict.tick``).
+SURE_CPU = 0.9
 
 
 def probe(run: Run) -> tuple[float, float, float]:
@@ -124,7 +127,8 @@ def probe(run: Run) -> tuple[float, float, float]:
     its CPU) proves nothing, and ``probed_with`` drops it."""
     meter = run.meter
     assert meter is not None
-    time.sleep(0)  # (a fresh turn of the GIL: the call asks for it back only 5 ms from now)
+    # (Called as the sampler has just taken the GIL, which a call holding it waits for and
+    # asks back only 5 ms later: the probe runs within this turn.)
     clock = time.perf_counter
     start, theirs, mine = clock(), meter.cpu(), time.thread_time()
     end = start + PROBE
@@ -227,12 +231,14 @@ class Verdict:
         self.probed = True
         if mine >= 0.8 * wall > 0.0:
             self.probe_scaling = (theirs + mine) / mine
-        # The probe's time is not the call's alone: the next tick counts from now.
+        # The probe's time is not the call's alone: the next tick counts from now. (Its
+        # waits for a CPU are left for the next reading, which counts no more of them than
+        # its own time off a CPU: reading them now would let the GIL go, and the verdict
+        # would wait a turn of it.)
         self.tick_at = time.perf_counter()
         for run in self.running():
             assert run.meter is not None
             run.cpu = run.meter.cpu()
-            run.waited = run.meter.waiting()
 
     def _busy_now(self) -> bool:
         """Whether the threads measured waited for a CPU much (> 10% of their time), and too
@@ -254,9 +260,16 @@ class Verdict:
     def running(self) -> list[Run]:
         return [run for run in self.released.values() if run.meter is not None]
 
-    def tick(self) -> None:
+    def tick(self, sampled: bool = False) -> None:
         """Count what the running calls' threads did since the last tick, alone or in pairs
-        (the clocks are read together, with the time, under the backend's lock)."""
+        (the clocks are read together, with the time, under the backend's lock).
+
+        ``sampled``: read by the sampler, while the calls run. Their waits for a CPU are then
+        read only for a thread that was off a CPU for more than ``1 - SURE_CPU`` of the
+        time: reading them is a system call, which lets the GIL go, and under a call that
+        holds the GIL the sampler waits a turn of it (5 ms) to go on. A thread on a CPU
+        for the rest waited at most that much; what it waited is counted at the next reading
+        (no more of it than that reading's time off a CPU)."""
         runs = self.running()
         # The time and the CPU clocks together, with the GIL held throughout: under a call
         # that holds the GIL, this thread could lose it for milliseconds in between.
@@ -267,17 +280,21 @@ class Verdict:
             cpu = available = walls = waits = 0.0
             for run, used in zip(runs, cpus, strict=True):
                 assert run.meter is not None
-                try:
-                    delay = run.meter.waiting()
-                except (OSError, ValueError, IndexError):  # (its thread is gone)
-                    continue
                 ran = used - run.cpu
-                counted = delay - run.waited  # (a wait still going on is counted later)
+                counted = 0.0
+                if not sampled or ran < SURE_CPU * wall:
+                    try:
+                        delay = run.meter.waiting()
+                    except (OSError, ValueError, IndexError):  # (its thread is gone)
+                        continue
+                    # (A wait still going on is counted later.)
+                    counted = min(delay - run.waited, max(0.0, wall - ran))
+                    run.waited = delay
                 cpu += ran
                 available += wall - counted
                 walls += wall
                 waits += counted
-                run.cpu, run.waited = used, delay
+                run.cpu = used
             if len(runs) == 1:
                 self.solo_cpu += cpu
                 self.solo_time += available

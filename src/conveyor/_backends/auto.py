@@ -440,7 +440,7 @@ class AutoBackend(Backend):
                 for verdict in measured:
                     if verdict.side is None and verdict.running():
                         try:
-                            verdict.tick()
+                            verdict.tick(sampled=True)
                             routes += self._judge(verdict, sampled=True)
                             run = verdict.wants_probe() if verdict.side is None else None
                             if run is not None and probing is None:
