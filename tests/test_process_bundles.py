@@ -164,3 +164,14 @@ def test_a_crash_while_the_next_job_waits_behind_it_runs_that_job_elsewhere(
     # Each call ran once: the job queued behind the crashed one had not begun.
     assert sorted(int(line) for line in runs.read_text().split()) == list(range(calls))
     assert queued_ahead
+
+
+def test_a_map_sends_each_chunk_whole_to_one_worker_and_spreads_the_chunks() -> None:
+    chunk = 10
+    with conveyor.Pool("process", 2) as pool:
+        list(pool.map(funcs.pid, range(200), chunksize=chunk))  # measured: batches grow
+        pids = list(pool.map(funcs.pid, range(4000), chunksize=chunk))
+        seconds = list(pool.map(funcs.sleep_then_pid, [0.01] * 40, chunksize=1))
+    chunks = [set(pids[i : i + chunk]) for i in range(0, len(pids), chunk)]
+    assert all(len(workers) == 1 for workers in chunks)
+    assert len(set(seconds)) == 2  # calls of 10 ms: both workers took some

@@ -158,6 +158,9 @@ class _MapState:
         self._ordered = ordered
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._chunksize = chunksize
+        self._chunk = 0  # what each batch's chunk is (see Batch.chunk)
+        if chunksize is not None and ledger.backend is not None and ledger.backend.sends_chunks:
+            self._chunk = chunksize
         self._call_timeout = ledger.call_timeout
         workers = self._workers = ledger.workers
         self._eager = eager
@@ -268,11 +271,12 @@ class _MapState:
     def _batch_size(self) -> int:
         if self._call_timeout is not None:
             return 1  # a deadline is watched per batch, so each call gets its own
-        if self._chunksize is not None:
-            return self._chunksize
+        chunk = self._chunksize
+        if chunk is not None and not self._backend.sends_chunks:
+            return chunk
         if self._per_item is None:
-            return 1  # an unmeasured function may be slow: one slow batch would hold back all
-
+            # An unmeasured function may be slow: one slow batch would hold back all.
+            return chunk or 1
         size = max(1, min(self._size_cap, int(self._target / max(self._per_item, 1e-9))))
         if size > 1:
             # Near the end of an input of known length, batches shrink, so that the workers
@@ -283,6 +287,9 @@ class _MapState:
                 left = operator.length_hint(self._inputs, -1)
             if left >= 0:
                 size = max(1, min(size, -(-left // (TAIL_SHARES * self._workers))))
+        if chunk is not None:
+            # A batch of whole chunks, which the backend sends one by one.
+            size = max(chunk, size // chunk * chunk)
         return size
 
     def _window_batches(self) -> float:
@@ -331,6 +338,7 @@ class _MapState:
                 self._exhausted = True
                 return
             batch = Batch(ledger, self._fn, args, None, self._call_timeout, self._star)
+            batch.chunk = self._chunk
             batch.seq = self._next_seq
             batch.sink = self._sink
             self._next_seq += 1

@@ -105,6 +105,7 @@ class Batch:
     __slots__ = (
         "args",
         "attempt",
+        "chunk",
         "elapsed",
         "errors",
         "fn",
@@ -153,6 +154,9 @@ class Batch:
         self.places: list[int] = []  # a rerun's call positions in its parent
         self.outstanding = 0  # reruns of this batch not finished yet
         self.slot = False  # holds one of the pool's ``max_pending`` places
+        # Set by a map with a ``chunksize`` on a backend that ``sends_chunks``: how many
+        # calls it sends to a worker at a time (0: as many as it likes).
+        self.chunk = 0
         self.state = 0  # QUEUED
 
     def reject(self) -> None:
@@ -247,6 +251,10 @@ class Backend(abc.ABC):
     options: ClassVar[frozenset[str]] = frozenset()
     #: Whether ``help`` may use a thread that waits for a future (see the module's doc).
     helps: ClassVar[bool] = False
+    #: Whether it sends a batch's calls to workers ``batch.chunk`` at a time, each chunk to
+    #: the first worker free: a map with a ``chunksize`` then makes batches of many chunks
+    #: (one batch costs the pool far more than one message costs the backend).
+    sends_chunks: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -437,7 +437,15 @@ class Scheduling:
             except IndexError:
                 return None
             if batch.begin():
-                return Job(BatchRun(batch), range(len(batch)))
+                run = BatchRun(batch)
+                calls = len(batch)
+                chunk = batch.chunk
+                if not chunk or chunk >= calls:
+                    return Job(run, range(calls))
+                # A map's batch of many chunks (see Batch.chunk): each goes on its own.
+                jobs = [Job(run, range(i, min(i + chunk, calls))) for i in range(0, calls, chunk)]
+                self._jobs.extendleft(reversed(jobs[1:]))
+                return jobs[0]
         return None
 
     def _quiet(self) -> bool:

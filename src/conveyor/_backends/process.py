@@ -148,6 +148,7 @@ def check_options(mp_context: BaseContext | None, max_tasks_per_worker: int | No
 class ProcessBackend(Role, Backend):
     name = "process"
     helps = True
+    sends_chunks = True
     batch_seconds = 0.005
     options = frozenset({"mp_context", "max_tasks_per_worker"})
 
