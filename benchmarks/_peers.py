@@ -1,8 +1,9 @@
 """The process pools that the benchmark scripts time, behind one small interface.
 
-``Peer`` starts a pool, maps, calls, submits and stops it; one subclass per library (conveyor,
-``concurrent.futures``, ``multiprocessing``, loky, mpire, pebble, joblib). ``_started`` gives
-warm pools of every kind, and the helpers below turn timings into table rows and checks.
+``Peer`` starts a pool, maps (with the library's default chunks or a given ``chunksize``),
+calls, submits and stops it; one subclass per library (conveyor, ``concurrent.futures``,
+``multiprocessing``, loky, mpire, pebble, joblib). ``_started`` gives warm pools of every kind,
+and the helpers below turn timings into table rows and checks.
 
 The peer libraries are imported when a pool starts, not at the top: workers started by
 ``forkserver`` or ``spawn`` run the benchmark script's top-level imports again, and would
@@ -15,7 +16,7 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from _harness import Timings, note
@@ -29,10 +30,18 @@ MP_POOL = "multiprocessing.Pool"
 
 
 class Peer:
-    """A process pool: ``start``, ``map``, one ``call``, ``stop``."""
+    """A process pool: ``start``, ``map``, one ``call``, ``submit`` and its ``result``,
+    ``stop``.
+
+    ``map`` returns every result in input order; ``chunksize=None`` leaves the size of the
+    chunks to the library. ``submit`` returns the library's handle on one call (a future, an
+    ``AsyncResult``) and ``result`` waits for its value. A library without one of these does
+    not override it: ``supports(name)`` tells.
+    """
 
     name = ""
     how = ""  # start method and anything else a reader should know
+    submits = ""  # how this library submits one call and waits for it, for the tables
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers
@@ -40,25 +49,48 @@ class Peer:
     def start(self) -> None:
         raise NotImplementedError
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        raise NotImplementedError
+
+    def imap(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        """The library's lazy ordered map, consumed to the end."""
         raise NotImplementedError
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         raise NotImplementedError
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def result(self, handle: Any) -> Any:
+        return handle.result()
+
     def stop(self) -> None:
         raise NotImplementedError
+
+    def supports(self, method: str) -> bool:
+        """Whether this library has ``method`` (``imap``, ``submit``, ...)."""
+        return getattr(type(self), method) is not getattr(Peer, method)
+
+
+def _chunks(chunksize: int | None, keyword: str = "chunksize") -> dict[str, int]:
+    """The keyword argument that passes ``chunksize`` on, or none for the default."""
+    return {} if chunksize is None else {keyword: chunksize}
 
 
 class ConveyorPeer(Peer):
     name = CONVEYOR
     how = "backend='process', forkserver"
+    submits = "pool.submit(f, x) ... future.result()"
 
     def start(self) -> None:
-        self.pool = conveyor.Pool(backend="process", workers=self.workers)
+        self.pool: conveyor.Pool = conveyor.Pool(backend="process", workers=self.workers)
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items))
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return list(self.pool.map(fn, items, chunksize=chunksize))
+
+    def imap(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return list(self.pool.imap(fn, items, chunksize=chunksize))
 
     def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
         return list(self.pool.imap_unordered(fn, items))
@@ -66,22 +98,42 @@ class ConveyorPeer(Peer):
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.submit(fn, *args).result()
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, *args)
+
     def stop(self) -> None:
         self.pool.shutdown()
+
+
+class ConveyorExecutorPeer(ConveyorPeer):
+    """conveyor's drop-in for the stdlib's executor (its ``map`` submits the whole input at
+    once, as the stdlib's does)."""
+
+    name = "conveyor.ProcessPoolExecutor"
+    how = "the drop-in executor, forkserver"
+    submits = "executor.submit(f, x) ... future.result()"
+
+    def start(self) -> None:
+        self.pool = conveyor.ProcessPoolExecutor(max_workers=self.workers)
 
 
 class StdlibPeer(Peer):
     name = "concurrent.futures.ProcessPoolExecutor"
     how = f"{multiprocessing.get_start_method()} (the default here)"
 
+    submits = "executor.submit(f, x) ... future.result()"
+
     def start(self) -> None:
         self.pool = cf.ProcessPoolExecutor(max_workers=self.workers)
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items))
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return list(self.pool.map(fn, items, **_chunks(chunksize)))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, *args)
 
     def stop(self) -> None:
         self.pool.shutdown()
@@ -91,17 +143,29 @@ class MultiprocessingPeer(Peer):
     name = MP_POOL
     how = f"{multiprocessing.get_start_method()} (the default here)"
 
+    submits = "pool.apply_async(f, (x,)) ... result.get()"
+
     def start(self) -> None:
         self.pool = multiprocessing.Pool(self.workers)
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return self.pool.map(fn, items)
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return self.pool.map(fn, items, chunksize)
+
+    def imap(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        # Pool.imap's own default is 1.
+        return list(self.pool.imap(fn, items, **_chunks(chunksize)))
 
     def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
         return list(self.pool.imap_unordered(fn, items))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.apply(fn, args)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply_async(fn, args)
+
+    def result(self, handle: Any) -> Any:
+        return handle.get()
 
     def stop(self) -> None:
         self.pool.close()
@@ -111,17 +175,21 @@ class MultiprocessingPeer(Peer):
 class LokyPeer(Peer):
     name = "loky.ProcessPoolExecutor"
     how = "loky's own start method"
+    submits = "executor.submit(f, x) ... future.result()"
 
     def start(self) -> None:
         import loky  # type: ignore[import-untyped]
 
         self.pool = loky.ProcessPoolExecutor(max_workers=self.workers)
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items))
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return list(self.pool.map(fn, items, **_chunks(chunksize)))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, *args)
 
     def stop(self) -> None:
         self.pool.shutdown()
@@ -132,11 +200,12 @@ class MpirePeer(Peer):
 
     A kept-alive mpire pool that switches between ``map``, ``imap_unordered`` and ``apply``
     fails here (``TypeError`` in the worker), so each kind of call gets its own pool; only
-    the first one is started before it is used.
+    the first one is started before it is used. ``apply`` and ``apply_async`` share one.
     """
 
     name = "mpire.WorkerPool"
     how = "fork, keep_alive=True"
+    submits = "pool.apply_async(f, (x,)) ... result.get()"
 
     def start(self) -> None:
         from mpire import WorkerPool  # type: ignore[import-untyped]
@@ -149,8 +218,8 @@ class MpirePeer(Peer):
             self.pools[kind] = self.make()
         return self.pools[kind]
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self._pool("map").map(fn, items))
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return list(self._pool("map").map(fn, items, **_chunks(chunksize, "chunk_size")))
 
     def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
         with warnings.catch_warnings():
@@ -162,6 +231,12 @@ class MpirePeer(Peer):
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._pool("apply").apply(fn, args)
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._pool("apply").apply_async(fn, args)
+
+    def result(self, handle: Any) -> Any:
+        return handle.get()
+
     def stop(self) -> None:
         for pool in self.pools.values():
             pool.stop_and_join()
@@ -170,17 +245,21 @@ class MpirePeer(Peer):
 class PebblePeer(Peer):
     name = "pebble.ProcessPool"
     how = f"{multiprocessing.get_start_method()} (the default here)"
+    submits = "pool.schedule(f, args=(x,)) ... future.result()"
 
     def start(self) -> None:
         import pebble  # type: ignore[import-untyped]
 
         self.pool = pebble.ProcessPool(max_workers=self.workers or CPUS)
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items).result())
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return list(self.pool.map(fn, items, **_chunks(chunksize)).result())
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.schedule(fn, args=args).result()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.schedule(fn, args=args)
 
     def stop(self) -> None:
         self.pool.close()
@@ -188,24 +267,37 @@ class PebblePeer(Peer):
 
 
 class JoblibPeer(Peer):
+    """joblib has no call-by-call submit; a ``chunksize`` is its ``Parallel(batch_size=...)``,
+    one ``Parallel`` kept open per batch size ('auto' by default)."""
+
     name = "joblib.Parallel"
     how = "loky backend; its workers are reused between Parallel objects"
 
     def start(self) -> None:
         import joblib  # type: ignore[import-untyped]
 
-        self.delayed = joblib.delayed
-        self.parallel = joblib.Parallel(n_jobs=self.workers or CPUS)
-        self.parallel.__enter__()
+        self.joblib = joblib
+        self.parallels: dict[int | str, Any] = {}
+        self.parallel = self._parallel(None)
 
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.parallel(self.delayed(fn)(x) for x in items))
+    def _parallel(self, chunksize: int | None) -> Any:
+        size = "auto" if chunksize is None else chunksize
+        if size not in self.parallels:
+            parallel = self.joblib.Parallel(n_jobs=self.workers or CPUS, batch_size=size)
+            parallel.__enter__()
+            self.parallels[size] = parallel
+        return self.parallels[size]
+
+    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        task = self.joblib.delayed(fn)
+        return list(self._parallel(chunksize)(task(x) for x in items))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.parallel([self.delayed(fn)(*args)])[0]
+        return self.parallel([self.joblib.delayed(fn)(*args)])[0]
 
     def stop(self) -> None:
-        self.parallel.__exit__(None, None, None)
+        for parallel in self.parallels.values():
+            parallel.__exit__(None, None, None)
 
 
 PEERS: list[type[Peer]] = [
@@ -219,16 +311,25 @@ PEERS: list[type[Peer]] = [
 ]
 
 
-def _started(workers: int | None = None) -> list[Peer]:
-    """One warm pool of every kind: started, and each has run some calls."""
+def _warm(peer: Peer) -> None:
+    """Some calls of every kind the map and round-trip cases make."""
+    peer.map(inc, range(2000))
+    peer.call(noop)
+    if isinstance(peer, (ConveyorPeer, MultiprocessingPeer, MpirePeer)):
+        peer.imap_unordered(inc, range(2000))
+
+
+def _started(
+    workers: int | None = None,
+    kinds: Sequence[type[Peer]] = PEERS,
+    warm: Callable[[Peer], object] = _warm,
+) -> list[Peer]:
+    """One warm pool of each kind: started, then ``warm(peer)`` has run some calls on it."""
     peers = []
-    for kind in PEERS:
+    for kind in kinds:
         peer = kind(workers)
         peer.start()
-        peer.map(inc, range(2000))
-        peer.call(noop)
-        if isinstance(peer, (ConveyorPeer, MultiprocessingPeer, MpirePeer)):
-            peer.imap_unordered(inc, range(2000))
+        warm(peer)
         peers.append(peer)
     return peers
 
