@@ -29,15 +29,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import multiprocessing
-import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 from _harness import (
-    Timings,
     floor,
     fmt_seconds,
     heading,
@@ -48,250 +45,37 @@ from _harness import (
     run_cases,
     table,
 )
+from _peers import (
+    CONVEYOR,
+    CPUS,
+    MP_POOL,
+    PEERS,
+    ConveyorPeer,
+    JoblibPeer,
+    LokyPeer,
+    MpirePeer,
+    MultiprocessingPeer,
+    PebblePeer,
+    Peer,
+    StdlibPeer,
+    _cells,
+    _check,
+    _failures,
+    _ratio,
+    _started,
+    _stop,
+)
 from _work import CRASH_EVERY, array_sum, crash_every_20, echo, fib, fib_all, inc, noop
 
 import conveyor
 
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 MAP_ITEMS, MAP_ROUNDS, MAP_BUDGET = 100_000, 5, 4.0
 FIB_NS, FIB_REPEAT, FIB_WORKERS, FIB_ROUNDS = range(25, 31), 5, 2, 5
 ARRAYS, ARRAY_ITEMS, ARRAY_ROUNDS = 20, 1_000_000, 5  # 1,000,000 float64 = 8 MB
 TRIP_ROUNDS, TRIP_CALLS = 4, 500
 START_ROUNDS, START_WORKERS = 7, 2
 CRASH_CALLS, CRASH_ROUNDS, CRASH_WAIT = 1_000, 3, 60.0
-CONVEYOR = "conveyor.Pool"
 BOTH_STARTED = "conveyor.Pool, both workers"
-MP_POOL = "multiprocessing.Pool"
-
-
-# -- the contenders, behind one small interface -------------------------------------------------
-
-
-class Peer:
-    """A process pool: ``start``, ``map``, one ``call``, ``stop``."""
-
-    name = ""
-    how = ""  # start method and anything else a reader should know
-
-    def __init__(self, workers: int | None = None) -> None:
-        self.workers = workers
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        raise NotImplementedError
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-
-class ConveyorPeer(Peer):
-    name = CONVEYOR
-    how = "backend='process', forkserver"
-
-    def start(self) -> None:
-        self.pool = conveyor.Pool(backend="process", workers=self.workers)
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items))
-
-    def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.imap_unordered(fn, items))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, *args).result()
-
-    def stop(self) -> None:
-        self.pool.shutdown()
-
-
-class StdlibPeer(Peer):
-    name = "concurrent.futures.ProcessPoolExecutor"
-    how = f"{multiprocessing.get_start_method()} (the default here)"
-
-    def start(self) -> None:
-        self.pool = cf.ProcessPoolExecutor(max_workers=self.workers)
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, *args).result()
-
-    def stop(self) -> None:
-        self.pool.shutdown()
-
-
-class MultiprocessingPeer(Peer):
-    name = MP_POOL
-    how = f"{multiprocessing.get_start_method()} (the default here)"
-
-    def start(self) -> None:
-        self.pool = multiprocessing.Pool(self.workers)
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return self.pool.map(fn, items)
-
-    def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.imap_unordered(fn, items))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply(fn, args)
-
-    def stop(self) -> None:
-        self.pool.close()
-        self.pool.join()
-
-
-class LokyPeer(Peer):
-    name = "loky.ProcessPoolExecutor"
-    how = "loky's own start method"
-
-    def start(self) -> None:
-        import loky  # type: ignore[import-untyped]
-
-        self.pool = loky.ProcessPoolExecutor(max_workers=self.workers)
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, *args).result()
-
-    def stop(self) -> None:
-        self.pool.shutdown()
-
-
-class MpirePeer(Peer):
-    """mpire with ``keep_alive=True``, without which every map starts new workers.
-
-    A kept-alive mpire pool that switches between ``map``, ``imap_unordered`` and ``apply``
-    fails here (``TypeError`` in the worker), so each kind of call gets its own pool; only
-    the first one is started before it is used.
-    """
-
-    name = "mpire.WorkerPool"
-    how = "fork, keep_alive=True"
-
-    def start(self) -> None:
-        from mpire import WorkerPool  # type: ignore[import-untyped]
-
-        self.pools: dict[str, Any] = {}
-        self.make = lambda: WorkerPool(n_jobs=self.workers, keep_alive=True)
-
-    def _pool(self, kind: str) -> Any:
-        if kind not in self.pools:
-            self.pools[kind] = self.make()
-        return self.pools[kind]
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self._pool("map").map(fn, items))
-
-    def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        with warnings.catch_warnings():
-            # mpire warns that it cannot size chunks of an input without len(): that is
-            # the point of this case.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return list(self._pool("imap_unordered").imap_unordered(fn, items))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._pool("apply").apply(fn, args)
-
-    def stop(self) -> None:
-        for pool in self.pools.values():
-            pool.stop_and_join()
-
-
-class PebblePeer(Peer):
-    name = "pebble.ProcessPool"
-    how = f"{multiprocessing.get_start_method()} (the default here)"
-
-    def start(self) -> None:
-        import pebble  # type: ignore[import-untyped]
-
-        self.pool = pebble.ProcessPool(max_workers=self.workers or CPUS)
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.map(fn, items).result())
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.schedule(fn, args=args).result()
-
-    def stop(self) -> None:
-        self.pool.close()
-        self.pool.join()
-
-
-class JoblibPeer(Peer):
-    name = "joblib.Parallel"
-    how = "loky backend; its workers are reused between Parallel objects"
-
-    def start(self) -> None:
-        import joblib  # type: ignore[import-untyped]
-
-        self.delayed = joblib.delayed
-        self.parallel = joblib.Parallel(n_jobs=self.workers or CPUS)
-        self.parallel.__enter__()
-
-    def map(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.parallel(self.delayed(fn)(x) for x in items))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.parallel([self.delayed(fn)(*args)])[0]
-
-    def stop(self) -> None:
-        self.parallel.__exit__(None, None, None)
-
-
-PEERS: list[type[Peer]] = [
-    ConveyorPeer,
-    StdlibPeer,
-    MultiprocessingPeer,
-    LokyPeer,
-    MpirePeer,
-    PebblePeer,
-    JoblibPeer,
-]
-
-
-def _started(workers: int | None = None) -> list[Peer]:
-    """One warm pool of every kind: started, and each has run some calls."""
-    peers = []
-    for kind in PEERS:
-        peer = kind(workers)
-        peer.start()
-        peer.map(inc, range(2000))
-        peer.call(noop)
-        if isinstance(peer, (ConveyorPeer, MultiprocessingPeer, MpirePeer)):
-            peer.imap_unordered(inc, range(2000))
-        peers.append(peer)
-    return peers
-
-
-def _stop(peers: list[Peer]) -> None:
-    for peer in peers:
-        peer.stop()
-
-
-def _cells(t: Timings, *values: str) -> list[str]:
-    """A table row: the values, or dashes for a contender that failed (see _failures)."""
-    if t.ok:
-        return [t.name, *values]
-    return [t.name, *["-"] * len(values)]
-
-
-def _failures(results: dict[str, Timings]) -> None:
-    for t in results.values():
-        if not t.ok:
-            note(f"{t.name} failed: {t.error or 'did not run'}")
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
 
 
 # -- 1. map -------------------------------------------------------------------------------------
@@ -410,11 +194,6 @@ def _map_case() -> None:
         "at least 10x",
         mpire / mine >= 10.0,
     )
-
-
-def _check(name: str, ok: bool) -> None:
-    if not ok:
-        raise AssertionError(f"{name} returned wrong results")
 
 
 # -- 2. cpu -------------------------------------------------------------------------------------
@@ -785,8 +564,8 @@ def _crash_run(kind: str, fn: Callable[[int], int]) -> tuple[float, collections.
 
 def _broken_peers() -> list[list[str]]:
     """How the peers that cannot survive a dead worker end the same run (one try each)."""
-    import joblib
-    import loky
+    import joblib  # type: ignore[import-untyped]
+    import loky  # type: ignore[import-untyped]
 
     rows = []
 

@@ -1,8 +1,8 @@
 """Run every benchmark script, one after the other, and end with the list of floors.
 
     python benchmarks/run.py            # all of them
-    python benchmarks/run.py thread     # only bench_thread.py (also: process, pipeline, auto,
-                                        # dask, asyncio)
+    python benchmarks/run.py thread     # only bench_thread.py (also: process, peers, pipeline,
+                                        # auto, dask, asyncio)
 
 Each script runs in a fresh interpreter (so that one script's threads and worker processes
 cannot slow the next) and prints its own tables; the ``FLOOR`` lines are collected and printed
@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = {
     "thread": "bench_thread.py",
     "process": "bench_process.py",
+    "peers": "bench_peers.py",
     "pipeline": "bench_pipeline.py",
     "auto": "bench_auto.py",
     "dask": "bench_dask.py",
