@@ -186,6 +186,7 @@ class _MapState:
             self._per_item = self._measured_seconds = known
             self._measured_calls = 1.0
         self._measured_here = 0  # batches of this map measured so far
+        self._spread = 0.0  # how far their seconds per call stray from the mean
         self._window = self._window_batches()
         self._done: queue.SimpleQueue[Batch] = queue.SimpleQueue()
         self._sink: Callable[[Batch], object] = self._done.put
@@ -256,9 +257,15 @@ class _MapState:
                 self.close()
                 raise Timeout("map() did not produce its next result within timeout") from None
         if batch.elapsed > 0.0:
+            per_call = batch.elapsed / len(batch)
+            before = self._per_item
             self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
             self._measured_calls = 0.5 * self._measured_calls + len(batch)
             self._per_item = self._measured_seconds / self._measured_calls
+            if self._measured_here and before is not None:
+                self._spread = 0.5 * (self._spread + abs(per_call - before))
+            else:
+                self._spread = per_call  # (not steady until measured again)
             self._measured_here += 1
             if self._measured_here == 1:
                 # Other maps of the function starting now size from this (and close() keeps
@@ -277,7 +284,11 @@ class _MapState:
         if self._per_item is None:
             # An unmeasured function may be slow: one slow batch would hold back all.
             return chunk or 1
-        size = max(1, min(self._size_cap, int(self._target / max(self._per_item, 1e-9))))
+        target = self._target
+        steady = self._backend.steady_batch_seconds
+        if steady is not None and self._measured_here >= 3 and self._spread < 0.1 * self._per_item:
+            target = steady  # calls of steady length: see Backend.steady_batch_seconds
+        size = max(1, min(self._size_cap, int(target / max(self._per_item, 1e-9))))
         if size > 1:
             # Near the end of an input of known length, batches shrink, so that the workers
             # finish together rather than one of them running a last long batch alone.

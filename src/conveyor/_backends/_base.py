@@ -249,6 +249,10 @@ class Backend(abc.ABC):
     batch_seconds: ClassVar[float]
     #: The keyword arguments of ``Pool`` that only this backend takes.
     options: ClassVar[frozenset[str]] = frozenset()
+    #: How long a batch may run when its calls are measured to take steady times (``None``:
+    #: ``batch_seconds``): where a batch costs much (a message each way), longer batches of
+    #: such calls cost less per call and still balance, since their length is foreseen.
+    steady_batch_seconds: ClassVar[float | None] = None
     #: Whether ``help`` may use a thread that waits for a future (see the module's doc).
     helps: ClassVar[bool] = False
     #: Whether it sends a batch's calls to workers ``batch.chunk`` at a time, each chunk to

@@ -4,12 +4,13 @@ A worker reads jobs from its pipe, runs each call and sends outcomes back. Befor
 writes the call's index into ``mark``, a word of memory shared with the pool, so that if the
 process dies the pool knows which call killed it (-1: while unpickling the job).
 
-Outcomes are sent when the job ends, and earlier whenever ``FLUSH_SECONDS`` of work has
-accumulated: a slow call's result leaves as soon as it exists, while trivial calls travel in
-bulk. Jobs the pool sent together in one message (``RUN_MANY``: short jobs queued for this
-worker, such as many single submits) send their outcomes back together the same way (``MANY``).
-If the worker dies, only results younger than that interval can be lost; those calls run again
-elsewhere.
+A job's outcomes are sent when it ends, and earlier whenever ``JOB_FLUSH_SECONDS`` of its
+calls have run (the pool reads them only once the job's batch has ended, so this only bounds
+what a crash loses: those calls run again elsewhere). Sending costs a worker that has just
+woken from a sleeping call 50-100 µs on a virtual machine, so not after every call. Jobs the
+pool sent together in one message (``RUN_MANY``: short jobs queued for this worker, each maybe
+a future someone waits for, such as many single submits) send their outcomes back together
+(``MANY``), within ``FLUSH_SECONDS``.
 
 The worker exits when the pool closes its pipe, when told to stop, or when the pool's process
 dies: a thread watches ``lifeline``, a pipe whose other end only the pool holds (a worker
@@ -64,6 +65,7 @@ RESULTS_HEADER = struct.Struct("<BqI?d")
 _COUNT = struct.Struct("<I")
 
 FLUSH_SECONDS = 0.001
+JOB_FLUSH_SECONDS = 0.05
 #: A worker whose last job came within this many seconds of the one before waits for the next
 #: awake (asking its pipe without sleeping) for as long, when the pool lets it (no more
 #: workers than CPUs). Waking a sleeping process costs tens of microseconds on a virtual
@@ -419,7 +421,7 @@ def _let_go(mapped: list[tuple[str, Any]], send: Callable[[bytes], None]) -> Non
 
 
 class _Job:
-    """Runs the calls of one job, sending outcomes at the end and every FLUSH_SECONDS."""
+    """Runs the calls of one job, sending outcomes at the end and every JOB_FLUSH_SECONDS."""
 
     def __init__(
         self,
@@ -454,7 +456,7 @@ class _Job:
             else:
                 self._run_careful(low, high)
             now = clock()
-            if now - last >= FLUSH_SECONDS and high < count:
+            if now - last >= JOB_FLUSH_SECONDS and high < count:
                 self._flush(False, now - started)
                 self.first = high
                 last = now

@@ -9,7 +9,7 @@ Data flow::
                       sentinel, and the nearest deadline
                               |
           job = calls of one batch --pipe--> worker process (_worker.main)
-          outcomes <--pipe-- (per job, or per FLUSH_SECONDS of work)
+          outcomes <--pipe-- (per job, or per JOB_FLUSH_SECONDS of work)
                               |
                       reads each message's head, keeps the pickled outcomes; a batch
                       whose calls all have one goes on the ended list (_ended)
@@ -150,6 +150,7 @@ class ProcessBackend(Role, Backend):
     helps = True
     sends_chunks = True
     batch_seconds = 0.005
+    steady_batch_seconds = 0.05
     options = frozenset({"mp_context", "max_tasks_per_worker"})
 
     def __init__(
