@@ -237,6 +237,17 @@ class Ledger:
 
     def finish(self, batch: Batch) -> None:
         """RUNNING -> DONE (or some calls to run again); ends the future or tells the map."""
+        if batch.parent is None and not batch.errors and not batch.outstanding:
+            # The common case, kept short: an original batch whose calls all returned.
+            with self._lock:
+                batch.state = DONE
+                self._counts.completed += len(batch.args)
+                self._active -= 1
+                idle = not self._active
+                if idle:
+                    self._emptied.notify_all()
+            self._deliver(batch, idle)
+            return
         root = batch.parent if batch.parent is not None else batch
         with self._lock:
             reruns = self._plan_reruns(root, batch) if batch.errors else []
@@ -272,12 +283,15 @@ class Ledger:
         assert backend is not None
         for child in reruns:
             backend.submit(child)
-        if not ready:
-            return
+        if ready:
+            self._deliver(root, idle)
+
+    def _deliver(self, root: Batch, idle: bool) -> None:
+        """Hand a finished original batch's outcomes to its future or its map."""
         future = root.future
         if future is not None:
             root.future = None
-            if backend.helps:
+            if self.backend is not None and self.backend.helps:
                 plain(future)
             failed_call = bool(root.errors)
             outcome = root.errors[0] if root.errors else root.values[0]

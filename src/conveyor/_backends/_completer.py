@@ -52,10 +52,14 @@ class Completer:
 
     def run(self, work: Callable[[], object]) -> None:
         """Run ``work`` on a thread of ours, after the pieces handed over before it."""
+        self.run_each([work])
+
+    def run_each(self, works: list[Callable[[], object]]) -> None:
+        """``run`` each of ``works``, in order (each a piece of its own)."""
         with self._ready:
             stopped = self._stopped
             if not stopped:
-                self._queue.append(work)
+                self._queue.extend(works)
                 if self._idle:
                     self._ready.notify()
                 elif not self._threads:
@@ -66,7 +70,8 @@ class Completer:
                     self._watcher_asleep = False
                     self._watching.notify()
         if stopped:
-            work()  # nobody else would run it
+            for work in works:
+                work()  # nobody else would run it
 
     def stop(self) -> None:
         """Let every thread end once the work handed over is done."""

@@ -62,6 +62,7 @@ import functools
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -176,11 +177,13 @@ class Role(Blame):
         another; a notice that the pool broke goes with everything after it, in order (the
         calls failed after it must fail with its error). Empties ``ended``: the caller's
         frame may live on (a parked dispatcher's), and must not keep a batch alive."""
+        works: list[Callable[[], object]] = []
         for at, item in enumerate(ended):
             if isinstance(item, Broken):
-                self._completer.run(functools.partial(end_all, ended[at:]))
+                works.append(functools.partial(end_all, ended[at:]))
                 break
-            self._completer.run(item.end)
+            works.append(item.end)
+        self._completer.run_each(works)
         ended.clear()
 
     def _end_after_help(self, ended: list[Ended], future: Future[Any]) -> None:
