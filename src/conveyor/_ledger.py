@@ -181,7 +181,7 @@ class Ledger:
                     self._refuse_if_stopped()
                 self._waiting += 1
                 batch.slot = True
-            calls = len(batch)
+            calls = len(batch.args)
             self._counts.submitted += calls
             self._counts.queued += calls
             # While a batch is active the backend is not stopped (see stop_backend_if_idle),
@@ -201,7 +201,7 @@ class Ledger:
 
     def _leave_queue(self, batch: Batch) -> None:
         """``batch`` leaves QUEUED (lock held)."""
-        self._counts.queued -= len(batch)
+        self._counts.queued -= len(batch.args)
         if batch.slot:
             batch.slot = False
             self._waiting -= 1

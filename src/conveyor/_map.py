@@ -259,7 +259,7 @@ class _MapState:
                 return None
             batch = self._wait()
         del self._inflight[batch.seq]
-        self._items -= len(batch)
+        self._items -= len(batch.args)
         # Refill now: the workers should not wait while the caller consumes this batch.
         self._fill()
         return batch
@@ -280,10 +280,10 @@ class _MapState:
                 self.close()
                 raise Timeout("map() did not produce its next result within timeout") from None
         if batch.elapsed > 0.0:
-            per_call = batch.elapsed / len(batch)
+            per_call = batch.elapsed / len(batch.args)
             before = self._per_item
             self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
-            self._measured_calls = 0.5 * self._measured_calls + len(batch)
+            self._measured_calls = 0.5 * self._measured_calls + len(batch.args)
             self._per_item = self._measured_seconds / self._measured_calls
             if self._measured_here and before is not None:
                 self._spread = 0.5 * (self._spread + abs(per_call - before))

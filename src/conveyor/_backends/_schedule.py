@@ -375,7 +375,7 @@ class Scheduling:
             batch = self._inbox[0]
         except IndexError:
             return False
-        return self._runs_short(batch, len(batch))
+        return self._runs_short(batch, len(batch.args))
 
     def _runs_short(self, batch: Batch, calls: int) -> bool:
         if batch.timeout is not None:
@@ -438,7 +438,7 @@ class Scheduling:
                 return None
             if batch.begin():
                 run = BatchRun(batch)
-                calls = len(batch)
+                calls = len(batch.args)
                 chunk = batch.chunk
                 if not chunk or chunk >= calls:
                     return Job(run, range(calls))
@@ -547,7 +547,7 @@ class Scheduling:
             return None
         indexes = job.indexes
         args: Sequence[Any]
-        if isinstance(indexes, range) and len(indexes) == len(batch):
+        if isinstance(indexes, range) and len(indexes) == len(batch.args):
             args = batch.args
         elif isinstance(indexes, range) and indexes.step == 1:
             args = batch.args[indexes.start : indexes.stop]
@@ -681,8 +681,10 @@ class Scheduling:
         self._close_job(job)
 
     def _close_job(self, job: Job) -> None:
-        _wire.forget_files(job.files)
-        self._segments.release(job.segments)
+        if job.files:
+            _wire.forget_files(job.files)
+        if job.segments:
+            self._segments.release(job.segments)
         run = job.run
         run.open_jobs -= 1
         if run.open_jobs == 0:
