@@ -10,6 +10,7 @@ gil_go``): how two threads scale depends on free CPUs, which a loaded test machi
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any
@@ -220,3 +221,9 @@ def test_a_decision_reads_as_figures() -> None:
     assert verdict.describe() == "process (CPU 98% of wall, 1.0x scaling on 2 threads)"
     verdict.place(THREAD, "short", {"call": 3e-6})
     assert verdict.describe() == "thread (calls of 3 µs: too short to gain from processes)"
+
+
+def test_a_partial_is_named_by_its_function() -> None:
+    with conveyor.Pool("auto", 2) as pool:
+        assert list(pool.map(functools.partial(funcs.add, z=1), range(10))) == list(range(1, 11))
+        assert list(pool.decisions()) == ["partial(add)"]

@@ -25,6 +25,7 @@ are judged while they run; it ends at shutdown.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -250,8 +251,8 @@ class AutoBackend(Backend):
         if len(self._verdicts) >= _VERDICTS_KEPT:
             self._forget()
         named = unwrapped(fn)
-        module = getattr(named, "__module__", None) or ""
-        verdict = Verdict(getattr(named, "__qualname__", None) or repr(named), module, ref)
+        module = getattr(named, "__module__", None) or type(named).__module__
+        verdict = Verdict(name_of(named), module, ref)
         if not self._gil:
             verdict.place(THREAD, "gil-off", {})
         elif self._cpus < 2:
@@ -473,6 +474,24 @@ class AutoBackend(Backend):
                 except Exception as exc:
                     routes = self._give_up(verdict, exc)
         self._send(routes)
+
+
+def name_of(fn: Callable[..., Any]) -> str:
+    """What ``decisions()`` calls ``fn``: its qualified name; ``partial(name)`` for a
+    ``functools.partial``; the class's name for a callable object.
+
+    Example:
+        >>> import functools
+        >>> name_of(functools.partial(divmod, 7)), name_of(len)
+        ('partial(divmod)', 'len')
+    """
+    if isinstance(fn, functools.partial):
+        return f"partial({name_of(fn.func)})"
+    name = getattr(fn, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    kind = type(fn)
+    return kind.__qualname__ if callable(getattr(kind, "__call__", None)) else repr(fn)  # noqa: B004
 
 
 def _arguments_problem(batch: Batch) -> str:
