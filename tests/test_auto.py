@@ -224,6 +224,7 @@ def test_a_decision_reads_as_figures() -> None:
 
 
 def test_a_partial_is_named_by_its_function() -> None:
+    add_one = functools.partial(funcs.add, z=1)  # (decisions() names functions still alive)
     with conveyor.Pool("auto", 2) as pool:
-        assert list(pool.map(functools.partial(funcs.add, z=1), range(10))) == list(range(1, 11))
+        assert list(pool.map(add_one, range(10))) == list(range(1, 11))
         assert list(pool.decisions()) == ["partial(add)"]
