@@ -354,13 +354,10 @@ class Scheduling:
     def _is_trivial(self, job: Job, fn_id: int) -> bool:
         """Whether ``job`` may run in the worker's fast loop: many calls, each measured to
         take a few microseconds, so none is worth the cost of marking it."""
+        if job.careful or len(job.indexes) <= 64:
+            return False
         seconds = self._functions.seconds_by_id(fn_id)
-        return (
-            not job.careful
-            and len(job.indexes) > 64
-            and seconds is not None
-            and seconds < TRIVIAL_CALL_SECONDS
-        )
+        return seconds is not None and seconds < TRIVIAL_CALL_SECONDS
 
     def _is_short(self, job: Job) -> bool:
         """Whether ``job`` is expected to run under ``PIPELINE_SECONDS`` (and has no deadline,
