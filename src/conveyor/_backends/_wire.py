@@ -168,8 +168,10 @@ def _is_big_bytes(item: Any) -> bool:
 def _wrap(item: Any) -> Any:
     if _is_big_bytes(item):
         return _BigBytes(item)
-    if type(item) is tuple and any(_is_big_bytes(x) for x in item):
-        return tuple(_wrap(x) for x in item)
+    if type(item) is tuple:
+        for x in item:
+            if _is_big_bytes(x):
+                return tuple(_wrap(x) for x in item)
     return item
 
 
@@ -182,6 +184,10 @@ def wrap_big_bytes(items: Sequence[Any]) -> Sequence[Any]:
     """
     if not _HAS_SHM or len(items) > 64:
         return items
+    if len(items) == 1:  # (a submit's)
+        item = items[0]
+        wrapped_one = _wrap(item)
+        return items if wrapped_one is item else [wrapped_one]
     wrapped = [_wrap(item) for item in items]
     return wrapped if any(a is not b for a, b in zip(wrapped, items, strict=True)) else items
 
