@@ -297,6 +297,14 @@ def test_a_segment_is_written_again_once_released_and_never_once_discarded() -> 
         assert not os.path.exists(other)
         for _ in range(3):
             assert segments.write(memoryview(first).cast("B"))[0] not in (name, other)
+        # Written again and again, before the helper maps it and after: each time it holds
+        # what was written last.
+        segments.release([name])
+        for value in range(10):
+            data = np.full(1 << 18, float(value))
+            assert segments.write(memoryview(data).cast("B")) == (name, size)
+            assert _contents(name, size) == data.tobytes()
+            segments.release([name])
     finally:
         segments.close()
     assert segments_of(os.getpid()) == []

@@ -3,12 +3,12 @@
 
 A segment is made by the first buffer that finds no free one (written with ``pwrite``, which
 allocates its pages as it copies), or ahead of need by a helper thread (allocated, never
-written: a blank). The pool maps a segment the first time it writes it again, and from then
-on only copies into it.
+written: a blank). The helper then maps each written segment into this process, so that the
+next buffers written into it are only copied; until it has, they are written with ``pwrite``.
 
 Threads: the thread that owns the pool's workers makes every call; the helper thread, started
-by the first segment made, only adds blanks to the free ones. Both take ``Segments._lock`` for
-what they share (named in ``__init__``).
+by the first segment made, adds blanks to the free segments and mappings to written ones. Both
+take ``Segments._lock`` for what they share (named in ``__init__``).
 """
 
 from __future__ import annotations
@@ -23,21 +23,22 @@ __all__ = ["BLANKS", "SEGMENTS_KEPT", "Segments"]
 
 #: Bytes of unused segments a pool keeps for later jobs; beyond that, the oldest go.
 SEGMENTS_KEPT = 256 << 20
+#: Blank segments kept free, once a buffer has needed a new segment.
+BLANKS = 2
 _UNIT = 1 << 20  # a segment's capacity is whole mebibytes
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-#: Blank segments kept ready, once a buffer has needed a new segment.
-BLANKS = 2
 _names = itertools.count()
 
 
 class _Segment:
-    __slots__ = ("blank", "capacity", "mapping", "name")
+    __slots__ = ("blank", "capacity", "gone", "mapping", "name")
 
     def __init__(self, name: str, capacity: int, blank: bool) -> None:
         self.name = name
         self.capacity = capacity
         self.blank = blank  # allocated ahead, never written
-        self.mapping: mmap.mmap | None = None  # the sender's, once it writes it again
+        self.mapping: mmap.mmap | None = None  # this process's, made by the helper
+        self.gone = False  # unlinked: the helper must not map it
 
 
 class Segments:
@@ -57,6 +58,7 @@ class Segments:
         self._free: list[_Segment] = []  # oldest first
         self._free_bytes = 0
         self._blank_size = 0  # the capacity of the blanks to keep free; 0: none
+        self._to_map: list[_Segment] = []  # written, not mapped yet
         self._closed = False
         self._helper: threading.Thread | None = None
 
@@ -69,20 +71,23 @@ class Segments:
             segment = self._take(size)
         if segment is None:
             segment = self._create(max(_UNIT, -(-size // _UNIT) * _UNIT), data)
-            self._keep_blank(segment.capacity)
+            self._keep_blanks(segment.capacity)
         else:
             try:
-                if segment.blank:
-                    segment.blank = False
-                    _rewrite(segment.name, data)
-                else:
-                    if segment.mapping is None:
-                        segment.mapping = _map(segment)
+                if segment.mapping is not None:
                     segment.mapping[:size] = data
+                else:
+                    _rewrite(segment.name, data)
             except BaseException:
-                _drop(segment)
+                self._drop(segment)
                 raise
         self._used[segment.name] = segment
+        if segment.mapping is None:
+            with self._lock:
+                if segment.blank or segment not in self._to_map:
+                    segment.blank = False
+                    self._to_map.append(segment)
+                    self._lock.notify()
         return segment.name, size
 
     def _take(self, size: int) -> _Segment | None:
@@ -104,7 +109,7 @@ class Segments:
             self._lock.notify()  # the helper makes the next one
         return segment
 
-    def _keep_blank(self, capacity: int) -> None:
+    def _keep_blanks(self, capacity: int) -> None:
         """A buffer found no free segment: more may follow, so keep blank ones ready."""
         with self._lock:
             self._blank_size = capacity
@@ -127,15 +132,20 @@ class Segments:
         )
 
     def _help(self) -> None:
-        """The helper thread's loop: BLANKS blank segments free, of the size last made."""
+        """The helper thread's loop: BLANKS blank segments free, of the size last made; when
+        there are, map the written segments."""
         lock = self._lock
         while True:
             with lock:
-                while not (self._closed or self._blank_wanted()):
+                while not (self._closed or self._blank_wanted() or self._to_map):
                     lock.wait()
                 if self._closed:
                     return
-                capacity = self._blank_size
+                capacity = self._blank_size if self._blank_wanted() else 0
+                written = None if capacity else self._to_map.pop(0)
+            if written is not None:
+                self._map(written)
+                continue
             try:
                 segment = self._create(capacity)
             except OSError:
@@ -147,7 +157,7 @@ class Segments:
                     self._free.append(segment)
                     self._free_bytes += capacity
                     continue
-            _drop(segment)
+            self._drop(segment)
             return
 
     def _create(self, capacity: int, data: memoryview | None = None) -> _Segment:
@@ -170,6 +180,26 @@ class Segments:
             os.close(fd)
         return _Segment(name, capacity, blank=data is None)
 
+    def _map(self, segment: _Segment) -> None:
+        """Map a written segment, every page in one go (they exist): on the helper thread."""
+        try:
+            fd = os.open(segment.name, os.O_RDWR)
+        except OSError:
+            return  # unlinked meanwhile
+        try:
+            mapping: mmap.mmap | None = mmap.mmap(
+                fd, segment.capacity, flags=mmap.MAP_SHARED | _POPULATE
+            )
+        except OSError:
+            return  # it is written with pwrite instead
+        finally:
+            os.close(fd)
+        with self._lock:
+            if not segment.gone and segment.mapping is None:
+                segment.mapping, mapping = mapping, None
+        if mapping is not None:
+            mapping.close()
+
     def release(self, names: list[str]) -> None:
         """The receiver is done with these: keep them for later buffers."""
         dropped = []
@@ -183,14 +213,14 @@ class Segments:
                 dropped.append(self._free.pop(0))
                 self._free_bytes -= dropped[-1].capacity
         for segment in dropped:
-            _drop(segment)
+            self._drop(segment)
 
     def discard(self, names: list[str]) -> None:
         """These may still be read: never write them again."""
         for name in names:
             segment = self._used.pop(name, None)
             if segment is not None:
-                _drop(segment)
+                self._drop(segment)
 
     def close(self) -> None:
         """Unlink every segment; the helper thread is gone when this returns."""
@@ -200,10 +230,22 @@ class Segments:
         if self._helper is not None:
             self._helper.join()
         for segment in [*self._free, *self._used.values()]:
-            _drop(segment)
+            self._drop(segment)
         self._free.clear()
         self._used.clear()
+        self._to_map.clear()
         self._free_bytes = 0
+
+    def _drop(self, segment: _Segment) -> None:
+        _unlink(segment.name)
+        with self._lock:
+            segment.gone = True
+            mapping, segment.mapping = segment.mapping, None
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a memoryview of it lives on: the mapping goes with it
 
 
 def _pwrite(fd: int, data: memoryview) -> int:
@@ -219,24 +261,6 @@ def _rewrite(name: str, data: memoryview) -> None:
         _pwrite(fd, data)
     finally:
         os.close(fd)
-
-
-def _map(segment: _Segment) -> mmap.mmap:
-    """The sender's mapping of a written segment, every page mapped in one go (they exist)."""
-    fd = os.open(segment.name, os.O_RDWR)
-    try:
-        return mmap.mmap(fd, segment.capacity, flags=mmap.MAP_SHARED | _POPULATE)
-    finally:
-        os.close(fd)
-
-
-def _drop(segment: _Segment) -> None:
-    _unlink(segment.name)
-    if segment.mapping is not None:
-        try:
-            segment.mapping.close()
-        except BufferError:
-            pass  # a memoryview of it lives on: the mapping goes with it
 
 
 def _unlink(name: str) -> None:

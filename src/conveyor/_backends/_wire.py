@@ -19,21 +19,29 @@ copying through a new mapping 5.5 ms, each page faulted in (zero-filled, then ma
 copy first touches it. Mapping with ``MAP_POPULATE`` or ``MADV_POPULATE_WRITE`` when the segment
 is made only moves that work (6.3 and 4.7 ms). ``pwrite`` into a new file allocates each page
 as it copies into it, with no zero fill and no fault: 3.6 ms, of which 1.9 is the allocation
-(``posix_fallocate`` alone) and 1.7 the copy. Mapping pages that exist takes 1.0 ms. Hence:
+(``posix_fallocate`` alone) and 1.7 the copy. Mapping pages that exist takes 1.0 ms. Hence,
+in ``_segments``:
 
-* a new segment is written with ``pwrite``, and mapped (all its pages in one go) the first
-  time it is written again, when mapping and copying cost what ``pwrite`` would;
+* a new segment is written with ``pwrite``;
 * once a buffer has needed a new segment, a helper thread keeps ``BLANKS`` (2) segments of
-  that size free, allocated but never written: the next buffers that need a new one only
-  copy into one (``pwrite``, 1.7 ms) while the helper allocates the next, on the other CPU.
+  that size free, allocated but never written: the next buffers that need a new one are only
+  copied into one (``pwrite``, 1.7 ms) while the helper allocates the next, on the other CPU;
+* when it has no blank to make, the helper maps the written segments, so that later buffers
+  are copied into them; one written again before that is written with ``pwrite``.
 
-The first map of 20 arrays of 8 MB on a new pool (``benchmarks/_fresh_map.py``, 16 interleaved
-rounds, medians) went from 1,480 MB/s to 2,230 with 2 blanks kept ready (2,150 with 1, 2,190
-with 3). Keeping more ready as more buffers need new segments (up to 8) was slower than 1
-(1,460 against 1,700 MB/s, on a busier machine): each blank the map does not use is
-allocation taken from the workers' CPUs. Blanks count with the free segments against
-``SEGMENTS_KEPT``. Where /dev/shm has no room, both ``pwrite`` and ``posix_fallocate`` raise
-OSError (never SIGBUS): the buffer travels another way, and the helper stops making blanks.
+Measured with ``benchmarks/_fresh_map.py`` (a script importing numpy at its top; the first map
+of 20 arrays of 8 MB on a new pool; interleaved rounds, medians): the number of blanks, with
+segments mapped when first written again (16 rounds): 1,480 MB/s before, 2,150 with 1 blank,
+2,230 with 2, 2,190 with 3; 2 against 4 and 6 (14 rounds): 2,210, 1,990, 2,010. Blanks the map
+does not use are allocation taken from the workers' CPUs. Where the mapping is made, first,
+second and third map on one new pool (12 to 20 rounds): when a segment is first written again,
+2,010, 4,030 and 5,020 MB/s against 1,470, 5,380 and 5,320 before (the second map pays for
+mapping every page); on the helper, released segments only, 2,060, 4,680 and 5,500; on the
+helper, every written segment (this), 2,130, 5,230 and 5,590 against 1,470, 5,240 and 5,360.
+
+Blanks count with the free segments against ``SEGMENTS_KEPT``. Where /dev/shm has no room,
+``pwrite`` and ``posix_fallocate`` raise OSError (never SIGBUS): the buffer travels another
+way, and the helper stops making blanks.
 
 A message is one of::
 
