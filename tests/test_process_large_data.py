@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ _kept: list[Any] = []
 def keep_and_sum(array: Any) -> float:
     """Keep a reference to the argument (in this worker) and return its sum."""
     _kept.append(array)
+    return float(array.sum())
+
+
+def keep_every_fifth(array: Any) -> float:
+    """Keep the argument if its first item (its number, see ``_numbered``) is a multiple of 5."""
+    if int(array[0]) % 5 == 0:
+        _kept.append(array)
     return float(array.sum())
 
 
@@ -53,6 +61,24 @@ def segments_of(pid: int) -> list[str]:
 def _arrays(count: int, seed: int = 3) -> list[Any]:
     rng = np.random.default_rng(seed)
     return [rng.random(1 << 18) for _ in range(count)]  # 2 MiB each
+
+
+def _numbered(count: int) -> list[Any]:
+    """2 MiB arrays, each starting with its number."""
+    arrays = _arrays(count)
+    for number, array in enumerate(arrays):
+        array[0] = number
+    return arrays
+
+
+def _contents(name: str, size: int) -> bytes:
+    with open(name, "rb") as file:
+        return file.read(size)
+
+
+def _segment_helpers() -> int:
+    """The helper threads of Segments alive in this process."""
+    return sum(1 for thread in threading.enumerate() if thread.name == "conveyor-segments")
 
 
 def test_an_argument_a_call_keeps_is_never_overwritten_by_later_calls() -> None:
@@ -223,4 +249,87 @@ def test_large_data_travels_in_the_pipe_when_shared_memory_is_full(
         assert np.array_equal(pool.submit(funcs.identity, array).result(WAIT), array)
         small = np.arange(200_000, dtype=np.float64)  # 1.6 MB: fits, and still goes that way
         assert pool.submit(total, small).result(WAIT) == float(small.sum())
+    assert os.listdir(small_shm) == []
+
+
+def test_arguments_calls_keep_are_never_overwritten_across_maps_on_a_new_pool() -> None:
+    # The maps write new segments, blank ones made ahead and released ones again: none that a
+    # call still holds.
+    arrays = _numbered(30)
+    with conveyor.Pool("process", 1) as pool:
+        for _ in range(4):
+            sums = list(pool.map(keep_every_fifth, arrays))
+            assert sums == pytest.approx([a.sum() for a in arrays])
+        kept = pool.submit(sums_of_kept).result(WAIT)
+    assert kept == pytest.approx([arrays[i].sum() for i in range(0, 30, 5)] * 4)
+    assert segments_of(os.getpid()) == []
+
+
+def test_maps_of_arrays_of_mixed_sizes_on_a_new_pool_and_nothing_left_after() -> None:
+    helpers = _segment_helpers()
+    rng = np.random.default_rng(11)
+    sizes = [3 << 16, 1 << 18, 5 << 16, 1 << 19]  # 1.5, 2, 2.5 and 4 MiB of float64
+    with conveyor.Pool("process", 2) as pool:
+        for shift in range(5):
+            arrays = [rng.random(sizes[(i + shift) % 4]) for i in range(12)]
+            assert list(pool.map(total, arrays)) == pytest.approx([a.sum() for a in arrays])
+            back = list(pool.map(funcs.identity, arrays[:3]))
+            assert all(np.array_equal(a, b) for a, b in zip(arrays, back, strict=False))
+    assert segments_of(os.getpid()) == []
+    assert _segment_helpers() == helpers
+
+
+def test_a_segment_is_written_again_once_released_and_never_once_discarded() -> None:
+    helpers = _segment_helpers()
+    first, second = np.full(1 << 18, 1.0), np.full(1 << 18, 2.0)
+    segments = _wire.Segments()
+    try:
+        name, size = segments.write(memoryview(first).cast("B"))
+        other, _ = segments.write(memoryview(second).cast("B"))  # the first is in use
+        assert other != name
+        assert _contents(name, size) == first.tobytes()
+        assert _contents(other, size) == second.tobytes()
+        segments.release([name])
+        # The released segment, not a blank one the helper may have made meanwhile.
+        assert segments.write(memoryview(second).cast("B")) == (name, size)
+        assert _contents(name, size) == second.tobytes()
+        segments.discard([other])  # a receiver holds it: it is forgotten, not written
+        assert not os.path.exists(other)
+        for _ in range(3):
+            assert segments.write(memoryview(first).cast("B"))[0] not in (name, other)
+        # Written again and again, before the helper maps it and after: each time it holds
+        # what was written last.
+        segments.release([name])
+        for value in range(10):
+            data = np.full(1 << 18, float(value))
+            assert segments.write(memoryview(data).cast("B")) == (name, size)
+            assert _contents(name, size) == data.tobytes()
+            segments.release([name])
+    finally:
+        segments.close()
+    assert segments_of(os.getpid()) == []
+    assert _segment_helpers() == helpers
+
+
+def test_segments_in_a_full_shared_memory_raise_oserror_and_leave_nothing(
+    small_shm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 4 MB tmpfs holds two segments of 2 MiB, whether the helper made one of them blank
+    # ahead or not: a third buffer finds no room at the latest, and the pool would send it
+    # another way.
+    monkeypatch.setattr(_wire, "_SHM_DIR", small_shm)
+    data = memoryview(np.random.default_rng(2).random(3 << 16)).cast("B")  # 1.5 MiB
+    segments = _wire.Segments()
+    written = []
+    try:
+        with pytest.raises(OSError):
+            for _ in range(3):
+                written.append(segments.write(data))
+        assert 1 <= len(written) <= 2
+        for name, size in written:
+            assert _contents(name, size) == data.tobytes()
+        segments.release([name for name, _ in written])
+        assert segments.write(data) in written  # written again where it was
+    finally:
+        segments.close()
     assert os.listdir(small_shm) == []
