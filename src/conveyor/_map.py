@@ -15,7 +15,8 @@ travels alone, and every worker stays busy until the end:
   ``operator.length_hint``), batches hold at most ``1 / (TAIL_SHARES * workers)`` of what is
   left, so the last batches are short and the workers end together.
 * Calls measured to take steady times (each batch's seconds per call within 10% of the
-  mean) get batches of the backend's ``steady_batch_seconds`` (50 ms on processes): their
+  mean) get batches of the backend's ``steady_batch_seconds`` (50 ms on processes, and for
+  functions the auto backend placed there): their
   length is foreseen, so longer batches still balance, and cost one message each way.
 * An explicit ``chunksize`` on a backend that ``sends_chunks`` (processes) makes batches of
   whole chunks, each sent to a worker on its own: the pool's cost is per batch, the
@@ -198,7 +199,6 @@ class _MapState:
         self._size_cap = max(1, int(min(MAX_BATCH, self._max_items / max(1, workers))))
         assert ledger.backend is not None
         self._backend = ledger.backend
-        self._target = ledger.backend.batch_seconds
         self._per_item: float | None = None  # measured seconds per call
         # Decaying sums of measured seconds and calls: each batch counts by its calls, so
         # that one call's start-up cost does not keep batches small for long.
@@ -307,10 +307,8 @@ class _MapState:
         if self._per_item is None:
             # An unmeasured function may be slow: one slow batch would hold back all.
             return chunk or 1
-        target = self._target
-        steady = self._backend.steady_batch_seconds
-        if steady is not None and self._measured_here >= 3 and self._spread < 0.1 * self._per_item:
-            target = steady  # calls of steady length: see Backend.steady_batch_seconds
+        steady = self._measured_here >= 3 and self._spread < 0.1 * self._per_item
+        target = self._backend.batch_seconds_for(self._fn, steady)
         size = max(1, min(self._size_cap, int(target / max(self._per_item, 1e-9))))
         if size > 1:
             # Near the end of an input of known length, batches shrink, so that the workers

@@ -214,6 +214,14 @@ class _Offer:
         return Future.exception(self._future, self._offer(timeout))
 
 
+def batch_seconds_of(kind: type[Backend], steady: bool) -> float:
+    """``kind``'s ``batch_seconds``, or its ``steady_batch_seconds`` for calls of steady
+    length when it has one."""
+    if steady and kind.steady_batch_seconds is not None:
+        return kind.steady_batch_seconds
+    return kind.batch_seconds
+
+
 def offer_help(future: Future[Any], helper: Callable[[Future[Any], float | None], None]) -> None:
     """Have ``future.result()`` and ``future.exception()`` call ``helper(future, timeout)``
     while the future is not done; the helper returns when it is, at the timeout, or at once
@@ -306,6 +314,12 @@ class Backend(abc.ABC):
     def live_workers(self) -> int:
         """How many workers exist now (may be fewer than ``workers`` before they are needed)."""
         return self.workers
+
+    def batch_seconds_for(self, fn: Callable[..., Any], steady: bool) -> float:
+        """How long a batch of ``fn``'s calls should run (``batch_seconds``, or
+        ``steady_batch_seconds`` for calls of ``steady`` length); a backend that runs
+        functions on engines of different costs answers per function."""
+        return batch_seconds_of(type(self), steady)
 
     def prepare(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """What runs for ``fn`` on this backend, or ``TypeError`` if it cannot run here. By

@@ -36,7 +36,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from . import _wire
-from ._base import Backend, Batch
+from ._base import Backend, Batch, batch_seconds_of
 from ._fnref import fn_key, fn_ref, is_fn, unwrapped
 from ._verdict import PROCESS, SAMPLE, THREAD, Meter, Run, Verdict, can_measure, probe
 from .process import ProcessBackend, check_options
@@ -220,6 +220,14 @@ class AutoBackend(Backend):
         processes = self._processes
         if processes is not None and future in self._on_processes:
             processes.help(future, timeout)
+
+    def batch_seconds_for(self, fn: Callable[..., Any], steady: bool) -> float:
+        """A function placed on processes gets batches sized for them (a message each way
+        per batch), any other for threads."""
+        verdict = self._verdicts.get(fn_key(fn))  # (read without the lock: a hint)
+        if verdict is not None and verdict.side == PROCESS and is_fn(verdict.ref, fn):
+            return batch_seconds_of(ProcessBackend, steady)
+        return batch_seconds_of(ThreadBackend, steady)
 
     def decisions(self) -> dict[str, str]:
         with self._lock:
