@@ -481,12 +481,19 @@ class Scheduling:
         if self._is_short(job):
             share = self._bundle_share(proc)
             size = len(payload)
+            work = self._expected_seconds(job)
             while (
                 len(parts) < share
                 and size < PIPELINE_BYTES
                 and self._has_room(proc)
                 and self._next_is_short()
             ):
+                # No more than PIPELINE_SECONDS of work in all: bundles are for many tiny
+                # jobs; jobs of milliseconds each go one per message, to whichever worker
+                # is free first.
+                work += self._expected_seconds(self._jobs[0] if self._jobs else None)
+                if work > PIPELINE_SECONDS:
+                    break
                 more = self._next_job()
                 if more is None:
                     break
@@ -505,6 +512,16 @@ class Scheduling:
         except OSError:
             pass  # the worker is dead; its sentinel reports it and the job runs elsewhere
         return True
+
+    def _expected_seconds(self, job: Job | None) -> float:
+        """How long ``job`` (None: the next batch in the inbox, whole) is expected to run."""
+        if job is not None:
+            batch, calls = job.run.batch, len(job.indexes)
+        else:
+            batch = self._inbox[0]
+            calls = min(len(batch.args), batch.chunk or len(batch.args))
+        seconds = self._functions.call_seconds(batch.fn)
+        return 0.0 if seconds is None else seconds * calls
 
     def _bundle_share(self, proc: Proc) -> int:
         """How many queued jobs may go to ``proc`` in one message: its share of the queue
