@@ -117,14 +117,10 @@ class ConveyorExecutorPeer(ConveyorPeer):
         self.pool = conveyor.ProcessPoolExecutor(max_workers=self.workers)
 
 
-class StdlibPeer(Peer):
-    name = "concurrent.futures.ProcessPoolExecutor"
-    how = f"{multiprocessing.get_start_method()} (the default here)"
+class _ExecutorPeer(Peer):
+    """A ``concurrent.futures.Executor`` started by ``start`` as ``self.pool``."""
 
     submits = "executor.submit(f, x) ... future.result()"
-
-    def start(self) -> None:
-        self.pool = cf.ProcessPoolExecutor(max_workers=self.workers)
 
     def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
         return list(self.pool.map(fn, items, **_chunks(chunksize)))
@@ -137,6 +133,14 @@ class StdlibPeer(Peer):
 
     def stop(self) -> None:
         self.pool.shutdown()
+
+
+class StdlibPeer(_ExecutorPeer):
+    name = "concurrent.futures.ProcessPoolExecutor"
+    how = f"{multiprocessing.get_start_method()} (the default here)"
+
+    def start(self) -> None:
+        self.pool = cf.ProcessPoolExecutor(max_workers=self.workers)
 
 
 class MultiprocessingPeer(Peer):
@@ -172,27 +176,14 @@ class MultiprocessingPeer(Peer):
         self.pool.join()
 
 
-class LokyPeer(Peer):
+class LokyPeer(_ExecutorPeer):
     name = "loky.ProcessPoolExecutor"
     how = "loky's own start method"
-    submits = "executor.submit(f, x) ... future.result()"
 
     def start(self) -> None:
         import loky  # type: ignore[import-untyped]
 
         self.pool = loky.ProcessPoolExecutor(max_workers=self.workers)
-
-    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
-        return list(self.pool.map(fn, items, **_chunks(chunksize)))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, *args).result()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, *args)
-
-    def stop(self) -> None:
-        self.pool.shutdown()
 
 
 class MpirePeer(Peer):
