@@ -372,7 +372,7 @@ class Scheduling:
             batch = self._inbox[0]
         except IndexError:
             return False
-        return self._runs_short(batch, len(batch.args))
+        return self._runs_short(batch, min(len(batch.args), batch.chunk or len(batch.args)))
 
     def _runs_short(self, batch: Batch, calls: int) -> bool:
         if batch.timeout is not None:
@@ -518,7 +518,10 @@ class Scheduling:
         if job is not None:
             batch, calls = job.run.batch, len(job.indexes)
         else:
-            batch = self._inbox[0]
+            try:
+                batch = self._inbox[0]
+            except IndexError:  # (another thread drained it: shutdown(cancel_futures=True))
+                return 0.0
             calls = min(len(batch.args), batch.chunk or len(batch.args))
         seconds = self._functions.call_seconds(batch.fn)
         return 0.0 if seconds is None else seconds * calls
