@@ -13,7 +13,7 @@ Faults stay local:
   (``Blame._unreadable_job``). A result or exception that cannot be unpickled in the pool
   fails its own call with ``UnpicklingFailed``: the calls whose outcomes came in the same
   message run again, each in a batch of its own (``_base.RunAlone``), and only the one whose
-  outcome still cannot be read fails (``_schedule.BatchRun.end``, outside the dispatcher
+  outcome still cannot be read fails (``_outcomes.BatchRun.end``, outside the dispatcher
   role). A message of the
   worker's own that cannot be read fails the job's open calls and replaces the worker
   (``Blame._unreadable_results``).
@@ -32,7 +32,8 @@ from .._errors import BrokenPool, TaskTimeout, WorkerCrashed
 from . import _wire
 from ._base import NotRun
 from ._forker import ForkedProcess
-from ._schedule import Job, Scheduling, pickling_failed, unreadable_result
+from ._outcomes import pickling_failed, unreadable_result
+from ._schedule import Job, Scheduling
 from ._workers import KILL_GRACE, STOP_GRACE, Proc, describe_exit
 
 __all__ = ["Blame"]

@@ -70,7 +70,7 @@ from . import _interrupts
 from ._base import waits_for_itself
 from ._blame import Blame
 from ._completer import Completer
-from ._schedule import Broken, Ended, end_all
+from ._outcomes import Broken, Ended, end_all
 
 __all__ = ["Role"]
 

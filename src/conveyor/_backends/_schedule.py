@@ -1,5 +1,6 @@
 """Scheduling on the process backend: which job goes to which worker, and the wire between
-them (the function cache, sending a job, reading and acting on what a worker sends back).
+them (sending a job, reading and acting on what a worker sends back). The function cache is
+``_functions``; what is kept of a batch's outcomes until it ends, ``_outcomes``.
 
 A batch from ``Pool`` becomes a ``BatchRun``; it is sent as one ``Job`` or, after a crash or
 a split, as several. What workers send back is read in two steps: here, under the dispatcher
@@ -25,19 +26,19 @@ dispatcher role). They are one object; the layers only sort its code into rooms.
 from __future__ import annotations
 
 import collections
-import itertools
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from .._errors import BrokenPool, PicklingFailed, UnpicklingFailed
+from .._errors import BrokenPool
 from . import _wire, _worker
-from ._base import Batch, NotRun, RunAlone
-from ._fnref import FnRef, fn_key, fn_ref, is_fn
+from ._base import Batch, NotRun
+from ._functions import FunctionCache
 from ._lifecycle import Lifecycle
+from ._outcomes import BatchRun, Broken, Ended, pickling_failed
 from ._workers import Proc, WorkerSet
 
-__all__ = ["BatchRun", "Broken", "Ended", "FunctionCache", "Job", "Scheduling", "end_all"]
+__all__ = ["Job", "Scheduling"]
 
 #: A job expected to run less than this may wait in a worker's pipe behind another...
 PIPELINE_SECONDS = 0.002
@@ -53,8 +54,6 @@ PIPELINE_BYTES = 32 << 10
 #: to hear of its result and answer (hundreds of microseconds on a virtual machine, which
 #: is 3-8% of a 10 ms call). A call that runs late holds the queued one back by as much.
 PREFETCH_SECONDS = 0.003
-#: Calls are steady when their measured times stray from their mean by under this share.
-STEADY = 0.1
 #: A job measured to end within this many seconds is waited for without sleeping: waking a
 #: sleeping thread costs tens of microseconds on a virtual machine, as much as such a job.
 SPIN_SECONDS = 100e-6
@@ -62,96 +61,9 @@ SPIN_SECONDS = 100e-6
 BUNDLE_JOBS = 64
 #: Calls measured to take less than this run in the worker's fast loop (see _worker).
 TRIVIAL_CALL_SECONDS = 2e-6
-#: Functions cached per pool (and per worker) before the caches are reset.
-FUNCTION_CACHE = 256
 
 _RUN = bytes([_worker.RUN])
-_FORGET = bytes([_worker.FORGET])
 _HEADER = _worker.RESULTS_HEADER
-
-
-class BatchRun:
-    """A batch being run, possibly as several jobs (after a crash or a split), and the
-    outcomes its workers sent, still pickled: they are read once the batch has ended
-    (``end``), outside the dispatcher role."""
-
-    __slots__ = ("batch", "open_jobs", "results", "unread")
-
-    def __init__(self, batch: Batch) -> None:
-        self.batch = batch
-        self.open_jobs = 0
-        # (batch positions, the pickle of (errors, values) a worker sent for them)
-        self.results: list[tuple[range | list[int], memoryview]] = []
-        # (batch position, why the worker could not unpickle the call: see pack_error)
-        self.unread: list[tuple[int, tuple[bytes, str]]] = []
-
-    def end(self) -> None:
-        """Put the outcomes in the batch and finish it. Runs user code (unpickling results
-        and exceptions, then the batch's done callbacks or sink): never under the role."""
-        batch = self.batch
-        results, self.results = self.results, []
-        for placed, blob in results:
-            _place(batch, placed, blob)
-        del results
-        if self.unread:
-            for index, packed in self.unread:
-                batch.fail(index, unreadable_arguments(_worker.unpack_error(packed)))
-            self.unread = []
-        batch.finish()
-
-
-def _place(batch: Batch, placed: range | list[int], blob: memoryview) -> None:
-    """Unpickle a worker's outcomes for calls ``placed`` into ``batch``.
-
-    A message of several outcomes that cannot be unpickled whole has its calls run again, each
-    in a batch of its own (``RunAlone``): only the one at fault then fails. The others run
-    twice, which costs nothing on the normal path (see the README's process section)."""
-    try:
-        errors, values = _wire.loads(blob)
-    except BaseException as exc:
-        for index in placed:
-            failure = unreadable_result(exc)
-            batch.fail(index, failure if len(placed) == 1 else RunAlone(failure))
-        return
-    if isinstance(placed, range):
-        batch.values[placed.start : placed.stop] = values
-    else:
-        for place, value in zip(placed, values, strict=True):
-            batch.values[place] = value
-    for offset, packed in errors.items():
-        batch.fail(placed[offset], _worker.unpack_error(packed))
-
-
-class Broken:
-    """An entry of the ``_ended`` list: the pool cannot run calls any more. Telling ``Pool``
-    ends what it holds (done callbacks run), so it is told outside the role, and before the
-    calls failed after it end: they are to fail with its error."""
-
-    __slots__ = ("cause", "tell")
-
-    def __init__(
-        self, tell: Callable[[BaseException], None], cause: BaseException | tuple[bytes, str]
-    ) -> None:
-        self.tell = tell
-        self.cause = cause  # an error, or one a worker packed (see _worker.pack_error)
-
-    def end(self) -> None:
-        cause = self.cause
-        self.tell(cause if isinstance(cause, BaseException) else _worker.unpack_error(cause))
-
-
-#: What the holder of the role leaves for others to end once it has let go of it.
-Ended = BatchRun | Broken
-
-
-def end_all(ended: list[Ended]) -> None:
-    """End each of ``ended`` in order, every one even if one raises (Ctrl-C)."""
-    try:
-        while ended:
-            ended.pop(0).end()
-    finally:
-        if ended:
-            end_all(ended)
 
 
 class Job:
@@ -186,94 +98,6 @@ class Job:
         self.expected_end: float | None = None  # when it should end, from measured calls
         self.large = False  # its message is too large to wait in a pipe (PIPELINE_BYTES)
         run.open_jobs += 1
-
-
-class FunctionCache:
-    """The functions sent to workers, each pickled once per pool and sent once per worker,
-    with the measured seconds per call of each."""
-
-    def __init__(self) -> None:
-        # fn_key(fn) -> (a weak reference to fn, its id on the wire, its pickle): the cache
-        # must not keep a function, or the object of a bound method, alive.
-        self._entries: collections.OrderedDict[Hashable, tuple[FnRef, int, bytes]] = (
-            collections.OrderedDict()
-        )
-        self._ids = itertools.count()
-        self._seconds: dict[int, float] = {}  # measured seconds per call, by wire id
-        self._spread: dict[int, float] = {}  # how far measures stray from it, by wire id
-        self._last: tuple[FnRef, int, bytes] | None = None  # the entry found last...
-        self._last_key: Hashable = None  # ... and its key
-
-    def _entry(self, fn: Any) -> tuple[FnRef, int, bytes] | None:
-        last = self._last
-        if last is not None and last[0]() is fn:
-            return last  # the function of the batch before, asked of again and again
-        key = fn_key(fn)
-        entry = self._entries.get(key)
-        if entry is not None and is_fn(entry[0], fn):
-            self._last = entry
-            self._last_key = key
-            return entry
-        return None
-
-    def blob_for(self, proc: Proc, fn: Any) -> tuple[int, bytes | None]:
-        """The id under which ``proc`` knows ``fn``, and its pickle if it does not yet."""
-        entry = self._entry(fn)
-        if entry is None:
-            ref = fn_ref(fn)
-            entry = (ref or _gone, next(self._ids), _wire.dumps_function(fn))
-            if ref is not None:  # (else it is pickled again for every job)
-                self._entries[fn_key(fn)] = entry
-                if len(self._entries) > FUNCTION_CACHE:
-                    _, (_, old_id, _) = self._entries.popitem(last=False)
-                    self._seconds.pop(old_id, None)
-                    self._spread.pop(old_id, None)
-                    self._last = None
-        else:
-            self._entries.move_to_end(self._last_key)  # (_entry found it: it is _last)
-        fn_id = entry[1]
-        if fn_id in proc.known:
-            return fn_id, None
-        if len(proc.known) >= FUNCTION_CACHE:
-            proc.conn.send_bytes(_FORGET)
-            proc.known.clear()
-        proc.known.add(fn_id)
-        return fn_id, entry[2]
-
-    def call_seconds(self, fn: Any) -> float | None:
-        """The measured seconds per call of ``fn``, if known."""
-        entry = self._entry(fn)
-        return None if entry is None else self._seconds.get(entry[1])
-
-    def seconds_by_id(self, fn_id: int) -> float | None:
-        return self._seconds.get(fn_id)
-
-    def measure(self, batch: Batch, calls: int, elapsed: float) -> None:
-        entry = self._entry(batch.fn)
-        if entry is None or not calls:
-            return
-        per_call = elapsed / calls
-        fn_id = entry[1]
-        old = self._seconds.get(fn_id)
-        if old is None:
-            self._seconds[fn_id] = self._spread[fn_id] = per_call  # not steady yet
-        else:
-            self._seconds[fn_id] = 0.5 * (old + per_call)
-            self._spread[fn_id] = 0.5 * (self._spread.get(fn_id, old) + abs(per_call - old))
-
-    def steady(self, fn: Any) -> bool:
-        """Whether the measured calls of ``fn`` take about the same time each (``STEADY``),
-        so that when a call will end can be foreseen."""
-        entry = self._entry(fn)
-        if entry is None:
-            return False
-        seconds = self._seconds.get(entry[1])
-        spread = self._spread.get(entry[1])
-        return seconds is not None and spread is not None and spread <= STEADY * seconds
-
-
-def _gone() -> None:
-    return None
 
 
 class Scheduling:
@@ -728,28 +552,3 @@ class Scheduling:
         for sent in (job, *proc.jobs):
             proc.held += sent.segments
             sent.segments = []
-
-
-def unreadable_result(error: BaseException) -> UnpicklingFailed:
-    problem = UnpicklingFailed(
-        f"the call's result could not be unpickled in the pool: {type(error).__name__}: {error}"
-    )
-    problem.__cause__ = error
-    return problem
-
-
-def unreadable_arguments(error: BaseException) -> UnpicklingFailed:
-    problem = UnpicklingFailed(
-        "the worker could not unpickle the call's function or arguments: "
-        f"{type(error).__name__}: {error}"
-    )
-    problem.__cause__ = error
-    return problem
-
-
-def pickling_failed(what: str, error: BaseException) -> PicklingFailed:
-    problem = PicklingFailed(
-        f"the call's {what} cannot be pickled for a worker process: {type(error).__name__}: {error}"
-    )
-    problem.__cause__ = error
-    return problem

@@ -19,7 +19,8 @@ Data flow::
 
 The rooms: this module holds ``ProcessBackend``, its dispatcher thread and the loop;
 ``_role`` who holds the loop (the dispatcher role), when the dispatcher thread parks and who
-may take the role then; ``_schedule`` assigns jobs to workers and speaks the wire; ``_blame``
+may take the role then; ``_schedule`` assigns jobs to workers and speaks the wire
+(``_functions`` caches what it sends, ``_outcomes`` keeps what comes back); ``_blame``
 decides what a fault means for which call; ``_workers`` keeps the worker set; ``_start`` the
 start method; ``_interrupts`` defers Ctrl-C while the main thread holds the role; ``_lifecycle``
 holds the flags every thread reads; ``_completer`` the threads that end batches.
@@ -27,7 +28,7 @@ holds the flags every thread reads; ``_completer`` the threads that end batches.
 The holder of the role never runs user code: no result is unpickled under it (a result's
 ``__setstate__`` could take its time, or never return), no batch finished (done callbacks,
 map sinks), ``Pool`` not told that the pool broke (it ends what it holds). What ends while
-the role is held goes on ``_ended`` (``_schedule.BatchRun``, ``_schedule.Broken``), and is
+the role is held goes on ``_ended`` (``_outcomes.BatchRun``, ``_outcomes.Broken``), and is
 ended by the thread that lets go of the role, once it has: a helper ends the batch of the
 future it waits for itself, which keeps a call's round trip free of thread hand-offs, and
 hands the others to the completer (``_hand_over``); the dispatcher thread hands all of them
@@ -83,9 +84,11 @@ from . import _interrupts, _wire
 from ._base import Backend, Batch, NotRun
 from ._completer import Completer
 from ._forker import ForkedProcess
+from ._functions import FunctionCache
 from ._lifecycle import Lifecycle
+from ._outcomes import Broken, Ended
 from ._role import Role
-from ._schedule import SPIN_SECONDS, Broken, Ended, FunctionCache, Job
+from ._schedule import SPIN_SECONDS, Job
 from ._start import default_context, preload_worker
 from ._worker import Init
 from ._workers import KILL_GRACE, Proc, WorkerSet
