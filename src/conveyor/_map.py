@@ -14,10 +14,15 @@ travels alone, and every worker stays busy until the end:
 * Near the end of an input of known length (a ``range``, or an iterator over a list or tuple:
   ``operator.length_hint``), batches hold at most ``1 / (TAIL_SHARES * workers)`` of what is
   left, so the last batches are short and the workers end together.
-* Calls measured to take steady times (each batch's seconds per call within 10% of the
-  mean) get batches of the backend's ``steady_batch_seconds`` (50 ms on processes, and for
-  functions the auto backend placed there): their
-  length is foreseen, so longer batches still balance, and cost one message each way.
+* Calls measured to take steady times (over ``STEADY_MEASURES`` batches, seconds per call
+  within 10% of the mean) get batches of the backend's ``steady_batch_seconds`` (100 ms on
+  processes, and for functions the auto backend placed there): their length is foreseen, so
+  longer batches still balance, and cost one message each way. Until that is known, the
+  window holds two batches per worker, not a full window of batches sized for calls of
+  unforeseen length. (500 x ``sleep(0.01)`` on 2 processes, ``python benchmarks/bench_peers.py
+  sleep``: a batch costs a worker woken from a sleep 100-300 us on a VM; 100 ms batches
+  measured 1.017x-1.018x the ideal in A/B rounds against 1.019x-1.021x for 50 ms, where a pool
+  that cost nothing would take 1.017x.)
 * An explicit ``chunksize`` on a backend that ``sends_chunks`` (processes) makes batches of
   whole chunks, each sent to a worker on its own: the pool's cost is per batch, the
   backend's per chunk.
@@ -55,6 +60,8 @@ SHORT_BATCHES_PER_WORKER = 128
 #: Batches near the end of an input of known length hold at most 1 / (this x workers) of
 #: what is left (see ``_batch_size``).
 TAIL_SHARES = 2
+#: Batches measured before a map decides whether its calls take steady times.
+STEADY_MEASURES = 3
 #: Items a map keeps in flight when the caller sets no ``buffersize``.
 DEFAULT_WINDOW_ITEMS = 65536
 
@@ -285,10 +292,12 @@ class _MapState:
             self._measured_seconds = 0.5 * self._measured_seconds + batch.elapsed
             self._measured_calls = 0.5 * self._measured_calls + len(batch.args)
             self._per_item = self._measured_seconds / self._measured_calls
-            if self._measured_here and before is not None:
-                self._spread = 0.5 * (self._spread + abs(per_call - before))
-            else:
+            if self._measured_here == 0 or before is None:
                 self._spread = per_call  # (not steady until measured again)
+            elif self._measured_here == 1:
+                self._spread = abs(per_call - before)  # the first stray measured
+            else:
+                self._spread = 0.5 * (self._spread + abs(per_call - before))
             self._measured_here += 1
             if self._measured_here == 1:
                 # Other maps of the function starting now size from this (and close() keeps
@@ -307,7 +316,7 @@ class _MapState:
         if self._per_item is None:
             # An unmeasured function may be slow: one slow batch would hold back all.
             return chunk or 1
-        steady = self._measured_here >= 3 and self._spread < 0.1 * self._per_item
+        steady = self._measured_here >= STEADY_MEASURES and self._spread < 0.1 * self._per_item
         target = self._backend.batch_seconds_for(self._fn, steady)
         size = max(1, min(self._size_cap, int(target / max(self._per_item, 1e-9))))
         if size > 1:
@@ -339,6 +348,11 @@ class _MapState:
             # batch) each cost the pool a round of its own: keep enough queued that workers
             # never wait for this thread to refill.
             return max(self._max_batches, SHORT_BATCHES_PER_WORKER * self._workers)
+        if self._chunksize is None and self._measured_here < STEADY_MEASURES:
+            # Whether the calls are steady is not known yet, and steady ones get longer
+            # batches: a full window of batches sized until then would each cost a message
+            # (500 x sleep(0.01) on 2 processes: 9 one-call batches per worker, 3 with this).
+            return min(self._max_batches, 2 * self._workers)
         return self._max_batches
 
     def _fill(self) -> None:

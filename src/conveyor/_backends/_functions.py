@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 from collections.abc import Hashable
 from typing import Any
 
@@ -93,10 +94,15 @@ class FunctionCache:
         fn_id = entry[1]
         old = self._seconds.get(fn_id)
         if old is None:
-            self._seconds[fn_id] = self._spread[fn_id] = per_call  # not steady yet
-        else:
-            self._seconds[fn_id] = 0.5 * (old + per_call)
-            self._spread[fn_id] = 0.5 * (self._spread.get(fn_id, old) + abs(per_call - old))
+            self._seconds[fn_id] = per_call
+            self._spread[fn_id] = math.inf  # not steady until two strays are measured
+            return
+        self._seconds[fn_id] = 0.5 * (old + per_call)
+        stray = abs(per_call - old)
+        spread = self._spread.get(fn_id, math.inf)
+        # The first stray stands in for the spread, doubled: one alike pair of calls does
+        # not make a function steady; a second one does.
+        self._spread[fn_id] = 2.0 * stray if spread == math.inf else 0.5 * (spread + stray)
 
     def steady(self, fn: Any) -> bool:
         """Whether the measured calls of ``fn`` take about the same time each (``STEADY``),

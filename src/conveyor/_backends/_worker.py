@@ -65,7 +65,7 @@ RESULTS_HEADER = struct.Struct("<BqI?d")
 _COUNT = struct.Struct("<I")
 
 FLUSH_SECONDS = 0.001
-JOB_FLUSH_SECONDS = 0.05
+JOB_FLUSH_SECONDS = 0.1
 #: A worker whose last job came within this many seconds of the one before waits for the next
 #: awake (asking its pipe without sleeping) for as long, when the pool lets it (no more
 #: workers than CPUs). Waking a sleeping process costs tens of microseconds on a virtual

@@ -153,7 +153,7 @@ class ProcessBackend(Role, Backend):
     helps = True
     sends_chunks = True
     batch_seconds = 0.005
-    steady_batch_seconds = 0.05
+    steady_batch_seconds = 0.1
     options = frozenset({"mp_context", "max_tasks_per_worker"})
 
     def __init__(
