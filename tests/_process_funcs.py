@@ -207,6 +207,20 @@ def crash_on(x: int, bad: int, how: str) -> int:
     return x
 
 
+class PickleCounted:
+    """An int that counts, in the class, how many times it is pickled (in the pool's
+    process), and arrives in the worker as a plain int."""
+
+    pickled = 0
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        type(self).pickled += 1
+        return int, (self.value,)
+
+
 def crash_on_noting(x: int, bad: int, how: str, path: str) -> int:
     """``crash_on``, first adding a line to ``path`` for each time the bad call runs."""
     if x == bad:

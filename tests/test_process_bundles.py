@@ -78,6 +78,35 @@ def test_errors_inside_a_message_reach_their_own_calls(bundles: list[int]) -> No
     assert max(bundles, default=0) > 1
 
 
+def test_jobs_a_dead_worker_hands_back_are_not_pickled_again(
+    bundles: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requeued = []
+    original = _schedule.Scheduling._requeue
+
+    def spy(self: _schedule.Scheduling, job: Any) -> None:
+        requeued.append(len(job.indexes) - job.received)
+        original(self, job)
+
+    monkeypatch.setattr(_schedule.Scheduling, "_requeue", spy)
+    bad = CALLS // 2
+    with conveyor.Pool("process", 2) as pool:
+        _measured(pool, funcs.exit_on, 0, -1)
+        funcs.PickleCounted.pickled = 0
+        futures = [pool.submit(funcs.exit_on, funcs.PickleCounted(i), bad) for i in range(CALLS)]
+        for i, future in enumerate(futures):
+            if i == bad:
+                assert isinstance(future.exception(timeout=funcs.WAIT), conveyor.WorkerCrashed)
+            else:
+                assert future.result(timeout=funcs.WAIT) == i
+    assert max(bundles, default=0) > 1
+    # The dead worker had calls queued behind the fatal one (else this shows nothing): they
+    # ran elsewhere, sent as they were first packed. Only a job that is the first of its
+    # function to a worker that does not know it yet (the replacement) is packed again.
+    assert sum(requeued) > 1
+    assert funcs.PickleCounted.pickled <= CALLS + 2, (funcs.PickleCounted.pickled, requeued)
+
+
 @pytest.mark.parametrize("how", ["exit", "sigkill", "segfault"])
 def test_a_crash_inside_a_message_fails_only_the_call_that_was_running(
     bundles: list[int], how: str, tmp_path: Path

@@ -78,6 +78,7 @@ class Job:
         "indexes",
         "large",
         "ordinal",
+        "packed",
         "received",
         "run",
         "segments",
@@ -97,6 +98,9 @@ class Job:
         self.closing = 0  # the ordinal of the last job sent in the same message
         self.expected_end: float | None = None  # when it should end, from measured calls
         self.large = False  # its message is too large to wait in a pipe (PIPELINE_BYTES)
+        # Its message body as last packed, kept for a rerun (see Scheduling._repack): its
+        # function's wire id, ``fast`` and the body (one without the function, short).
+        self.packed: tuple[int, bool, bytes] | None = None
         run.open_jobs += 1
 
 
@@ -380,42 +384,53 @@ class Scheduling:
             if len(job.indexes) > room:
                 self._jobs.appendleft(Job(job.run, job.indexes[room:]))
                 job.indexes = job.indexes[:room]
-        try:
-            fn_id, fn_blob = self._functions.blob_for(proc, batch.fn)
-        except Exception as exc:
-            problem = exc
-            self._fail_job(job, lambda: pickling_failed("function", problem))
-            return None
-        indexes = job.indexes
-        args: Sequence[Any]
-        if isinstance(indexes, range) and len(indexes) == len(batch.args):
-            args = batch.args
-        elif isinstance(indexes, range) and indexes.step == 1:
-            args = batch.args[indexes.start : indexes.stop]
-        else:
-            args = [batch.args[i] for i in indexes]
-        try:
-            args = _wire.wrap_big_bytes(args)
-            fast = self._is_trivial(job, fn_id)
+                job.packed = None
+        packed = self._repack(proc, job)
+        fn_blob = None
+        if packed is not None:
+            fn_id, fast, payload = packed
             self._segments.last = []
-            payload = _wire.dumps(
-                (fn_id, fn_blob, batch.star, batch.kwargs, fast, args), self._segments
-            )
-        except Exception:
-            if fn_blob is not None:
-                proc.known.discard(fn_id)
-            self._split_unpicklable(job)
-            return None
+        else:
+            try:
+                fn_id, fn_blob = self._functions.blob_for(proc, batch.fn)
+            except Exception as exc:
+                problem = exc
+                self._fail_job(job, lambda: pickling_failed("function", problem))
+                return None
+            indexes = job.indexes
+            args: Sequence[Any]
+            if isinstance(indexes, range) and len(indexes) == len(batch.args):
+                args = batch.args
+            elif isinstance(indexes, range) and indexes.step == 1:
+                args = batch.args[indexes.start : indexes.stop]
+            else:
+                args = [batch.args[i] for i in indexes]
+            try:
+                args = _wire.wrap_big_bytes(args)
+                fast = self._is_trivial(job, fn_id)
+                self._segments.last = []
+                payload = _wire.dumps(
+                    (fn_id, fn_blob, batch.star, batch.kwargs, fast, args), self._segments
+                )
+            except Exception:
+                if fn_blob is not None:
+                    proc.known.discard(fn_id)
+                self._split_unpicklable(job)
+                return None
+        files = _wire.files_of(payload)
+        indexes = job.indexes
         if queued and len(payload) > PIPELINE_BYTES:
-            _wire.forget_files(_wire.files_of(payload))
+            _wire.forget_files(files)
             self._segments.release(self._segments.last)
             if fn_blob is not None:
                 proc.known.discard(fn_id)
             job.large = True
             self._jobs.appendleft(job)
             return False
-        job.files = _wire.files_of(payload)
+        job.files = files
         job.segments = self._segments.last
+        if fn_blob is None and not files and len(payload) <= PIPELINE_BYTES:
+            job.packed = (fn_id, fast, payload)
         proc.sent += 1
         job.ordinal = proc.sent
         proc.done += len(indexes)
@@ -429,6 +444,18 @@ class Scheduling:
                 job.expected_end = start + seconds * len(indexes)
         proc.jobs.append(job)
         return payload
+
+    def _repack(self, proc: Proc, job: Job) -> tuple[int, bool, bytes] | None:
+        """``job``'s body as packed for an earlier worker, if it fits ``proc`` as it is: a
+        worker that died with many short jobs queued (a message holds up to BUNDLE_JOBS)
+        hands them all back, and each would otherwise be pickled again."""
+        packed = job.packed
+        if packed is None:
+            return None
+        fn_id, fast, _ = packed
+        if fn_id not in proc.known or fast != self._is_trivial(job, fn_id):
+            return None
+        return packed
 
     def _receive(self, proc: Proc) -> bool:
         """Read what ``proc`` sent; False if its pipe is closed."""
@@ -539,10 +566,14 @@ class Scheduling:
             self._ended.append(BatchRun(batch))
 
     def _requeue(self, job: Job) -> None:
-        """Run the open calls of ``job`` elsewhere, ahead of new work."""
+        """Run the open calls of ``job`` elsewhere, ahead of new work (as packed before, when
+        none of them has an outcome yet)."""
         rest = job.indexes[job.received :]
         if rest:
-            self._jobs.appendleft(Job(job.run, rest))
+            again = Job(job.run, rest)
+            if not job.received:
+                again.packed = job.packed
+            self._jobs.appendleft(again)
         self._close_job(job)
 
     @staticmethod
