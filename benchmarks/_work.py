@@ -7,6 +7,7 @@ importable there).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -58,12 +59,17 @@ def echo(conn: Any) -> None:
         conn.send(message)
 
 
-#: A buffer large enough that hashing it lets the GIL go (hashlib does above 2 KiB).
-_BLOB = b"conveyor" * (4 << 20)  # 32 MiB
+@functools.cache
+def blob() -> bytes:
+    """A buffer large enough that hashing it lets the GIL go (hashlib does above 2 KiB),
+    made on first use: made at import, its 32 MiB would be in every worker process of every
+    benchmark (forked from a process that imported this module), and the kernel's cost to
+    fork a process and to tear it down grows with its memory."""
+    return b"conveyor" * (4 << 20)
 
 
 def sha256_of_blob(_: object) -> str:
     """SHA-256 of a 32 MiB buffer: CPU work that threads run in parallel."""
     import hashlib
 
-    return hashlib.sha256(_BLOB).hexdigest()
+    return hashlib.sha256(blob()).hexdigest()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from _harness import Timings, floor, fmt_seconds, heading, note, rounds, run_cases, table
-from _work import fib, inc, nap, sha256_of_blob
+from _work import blob, fib, inc, nap, sha256_of_blob
 
 import conveyor
 
@@ -36,6 +36,11 @@ MIXED_CPU_WORKERS = 2
 TRIVIAL_ITEMS = 100_000
 ROUNDS = 7
 BACKENDS = ("thread", "process", "auto")
+
+# The gil_free case's buffer, made at import: worker processes, forked from a process that
+# imported this script, have it as the pool's process has it, rather than each making its own
+# inside the timed rounds.
+blob()
 
 
 def _pool_run(
