@@ -81,6 +81,23 @@ def test_a_wait_that_times_out_leaves_the_call_running(started: Channel, release
         assert slow.result(WAIT) == "done"
 
 
+def test_waits_that_time_out_again_and_again_leave_nothing_behind(
+    started: Channel, release: Channel
+) -> None:
+    with conveyor.Pool("process", 2) as pool:
+        slow = pool.submit(funcs.report_and_wait, started.path, release.path, "done")
+        started.read_line()
+        callbacks = len(slow._done_callbacks)  # type: ignore[attr-defined]
+        for _ in range(200):
+            with pytest.raises(cf.TimeoutError):
+                slow.result(timeout=0.001)
+        # A waiting thread that runs the pool is woken by a callback on the future; a wait
+        # that keeps timing out (a loop polling a long call) must not add one each time.
+        assert len(slow._done_callbacks) <= callbacks + 1  # type: ignore[attr-defined]
+        release.release(1)
+        assert slow.result(WAIT) == "done"
+
+
 def test_calls_of_other_threads_go_on_while_one_thread_waits(
     started: Channel, release: Channel
 ) -> None:

@@ -64,6 +64,7 @@ from typing import Any, ClassVar
 from .._coroutines import on_own_loop
 
 __all__ = [
+    "WAKER",
     "Backend",
     "Batch",
     "NotRun",
@@ -232,11 +233,17 @@ def offer_help(future: Future[Any], helper: Callable[[Future[Any], float | None]
     future.exception = offer.exception  # type: ignore[method-assign]
 
 
+#: The key, in a future's attributes, of the callback that wakes a thread helping the pool
+#: while it waits for that future (see ``_role``).
+WAKER = "_conveyor_waker"
+
+
 def plain(future: Future[Any]) -> None:
     """Undo ``offer_help``: the offer holds the future, and would keep it (and its result)
     alive in a cycle."""
     future.__dict__.pop("result", None)
     future.__dict__.pop("exception", None)
+    future.__dict__.pop(WAKER, None)
 
 
 def log_initializer_failure() -> None:

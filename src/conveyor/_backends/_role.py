@@ -67,7 +67,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import _interrupts
-from ._base import waits_for_itself
+from ._base import WAKER, waits_for_itself
 from ._blame import Blame
 from ._completer import Completer
 from ._outcomes import Broken, Ended, end_all
@@ -78,13 +78,25 @@ __all__ = ["Role"]
 class _WakeHelper:
     """A done callback, added to the future that a helper waits for, that wakes the helper
     when the future ends on another thread. It forgets the pool when the helper leaves (it
-    stays among the future's callbacks, which offer no way to remove one)."""
+    stays among the future's callbacks, which offer no way to remove one), and the next
+    helper of the same future takes it up again (see ``waker_of``): a wait that times out
+    again and again, polling a long call, adds one callback in all."""
 
     __slots__ = ("backend", "thread")
 
-    def __init__(self, backend: Role) -> None:
-        self.backend: Role | None = backend
-        self.thread = threading.get_ident()
+    def __init__(self) -> None:
+        self.backend: Role | None = None
+        self.thread = 0
+
+    @staticmethod
+    def waker_of(future: Future[Any]) -> _WakeHelper:
+        """The future's waker, added to its callbacks the first time (as ``offer_help``
+        keeps its offer, in the future's own attributes; ``plain`` drops it)."""
+        waker: _WakeHelper | None = future.__dict__.get(WAKER)
+        if waker is None:
+            waker = future.__dict__[WAKER] = _WakeHelper()
+            future.add_done_callback(waker)
+        return waker
 
     def __call__(self, future: Future[Any]) -> None:
         backend = self.backend
@@ -259,10 +271,12 @@ class Role(Blame):
             busy: list[int] = []
             # A future can end on another thread (cancel(), shutdown(cancel_futures=True)):
             # that thread must wake us out of poll(). On this thread the callback does nothing.
-            waker = _WakeHelper(self)
+            waker: _WakeHelper | None = None
             try:
                 if self._parked and self._helper_error is None:
-                    future.add_done_callback(waker)
+                    waker = _WakeHelper.waker_of(future)
+                    waker.thread = threading.get_ident()
+                    waker.backend = self
                     # The parked dispatcher must not wake for the answers we wait for.
                     busy = [p.fd for p in self._crew.procs if p.jobs and p.fd in by_fd]
                     for fd in busy:
@@ -276,7 +290,8 @@ class Role(Blame):
                 self._helper_error = exc
                 again = False
             finally:
-                waker.backend = None
+                if waker is not None:
+                    waker.backend = None
                 for fd in busy:
                     if fd in by_fd:
                         park_set.modify(fd, select.EPOLLIN)
