@@ -153,7 +153,10 @@ class Scheduling:
                     # Look before taking: a batch taken has begun (its future runs, its
                     # place under max_pending is freed), so take only what is sent now.
                     if proc.jobs and not (
-                        (self._is_short(proc.jobs[0]) and self._next_is_short())
+                        (
+                            self._short_work(proc.jobs[0]) is not None
+                            and self._next_work() is not None
+                        )
                         or self._prefetch_now(proc)
                     ):
                         break
@@ -187,26 +190,30 @@ class Scheduling:
         seconds = self._functions.seconds_by_id(fn_id)
         return seconds is not None and seconds < TRIVIAL_CALL_SECONDS
 
-    def _is_short(self, job: Job) -> bool:
-        """Whether ``job`` is expected to run under ``PIPELINE_SECONDS`` (and has no deadline,
-        which is counted from the moment it is sent) and may wait in a pipe."""
-        return not job.large and self._runs_short(job.run.batch, len(job.indexes))
+    def _short_work(self, job: Job) -> float | None:
+        """The seconds ``job`` is expected to run, if under ``PIPELINE_SECONDS`` and it may
+        wait in a pipe (it is not large and has no deadline, which is counted from the moment
+        it is sent); else None."""
+        return None if job.large else self._work_of(job.run.batch, len(job.indexes))
 
-    def _next_is_short(self) -> bool:
-        """Whether the job ``_next_job`` would return is short (False if there is none)."""
+    def _next_work(self) -> float | None:
+        """``_short_work`` of the job ``_next_job`` would return (None if there is none)."""
         if self._jobs:
-            return self._is_short(self._jobs[0])
+            return self._short_work(self._jobs[0])
         try:
             batch = self._inbox[0]
-        except IndexError:
-            return False
-        return self._runs_short(batch, min(len(batch.args), batch.chunk or len(batch.args)))
+        except IndexError:  # (or another thread drained it: shutdown(cancel_futures=True))
+            return None
+        return self._work_of(batch, min(len(batch.args), batch.chunk or len(batch.args)))
 
-    def _runs_short(self, batch: Batch, calls: int) -> bool:
+    def _work_of(self, batch: Batch, calls: int) -> float | None:
         if batch.timeout is not None:
-            return False
+            return None
         seconds = self._functions.call_seconds(batch.fn)
-        return seconds is not None and seconds * calls < PIPELINE_SECONDS
+        if seconds is None:
+            return None
+        work = seconds * calls
+        return work if work < PIPELINE_SECONDS else None
 
     def _prefetch_at(self, proc: Proc) -> float | None:
         """When the next job is to be queued behind ``proc``'s running one, which is
@@ -306,20 +313,18 @@ class Scheduling:
             return False
         parts = [payload]
         sent = [job]
-        if self._is_short(job):
+        work = self._short_work(job)
+        if work is not None:
             share = self._bundle_share(proc)
             size = len(payload)
-            work = self._expected_seconds(job)
-            while (
-                len(parts) < share
-                and size < PIPELINE_BYTES
-                and self._has_room(proc)
-                and self._next_is_short()
-            ):
+            while len(parts) < share and size < PIPELINE_BYTES and self._has_room(proc):
                 # No more than PIPELINE_SECONDS of work in all: bundles are for many tiny
                 # jobs; jobs of milliseconds each go one per message, to whichever worker
                 # is free first.
-                work += self._expected_seconds(self._jobs[0] if self._jobs else None)
+                more_work = self._next_work()
+                if more_work is None:
+                    break
+                work += more_work
                 if work > PIPELINE_SECONDS:
                     break
                 more = self._next_job()
@@ -340,19 +345,6 @@ class Scheduling:
         except OSError:
             pass  # the worker is dead; its sentinel reports it and the job runs elsewhere
         return True
-
-    def _expected_seconds(self, job: Job | None) -> float:
-        """How long ``job`` (None: the next batch in the inbox, whole) is expected to run."""
-        if job is not None:
-            batch, calls = job.run.batch, len(job.indexes)
-        else:
-            try:
-                batch = self._inbox[0]
-            except IndexError:  # (another thread drained it: shutdown(cancel_futures=True))
-                return 0.0
-            calls = min(len(batch.args), batch.chunk or len(batch.args))
-        seconds = self._functions.call_seconds(batch.fn)
-        return 0.0 if seconds is None else seconds * calls
 
     def _bundle_share(self, proc: Proc) -> int:
         """How many queued jobs may go to ``proc`` in one message: its share of the queue
