@@ -21,7 +21,7 @@ import pytest
 from _process_funcs import WAIT, Channel, read_line, wait_gone
 
 import conveyor
-from conveyor._backends import _wire
+from conveyor._backends import _segments, _wire
 
 TIMEOUT = 3.0
 _kept: list[Any] = []
@@ -88,6 +88,32 @@ def test_an_argument_a_call_keeps_is_never_overwritten_by_later_calls() -> None:
         assert list(pool.map(total, others)) == pytest.approx([a.sum() for a in others])
         # The worker's kept array still holds the first array's data.
         assert pool.submit(sums_of_kept).result(WAIT) == pytest.approx([first.sum()])
+
+
+def test_a_call_that_keeps_no_argument_leaves_its_segments_to_be_written_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    discarded: list[str] = []
+    original = _segments.Segments.discard
+
+    def spy(self: _segments.Segments, names: list[str]) -> None:
+        discarded.extend(names)
+        original(self, names)
+
+    monkeypatch.setattr(_segments.Segments, "discard", spy)
+    arrays = _arrays(12)
+    with conveyor.Pool("process", 2) as pool:
+        for array in arrays[:4]:  # a job of one call
+            assert pool.submit(total, array).result(WAIT) == pytest.approx(array.sum())
+        for _ in range(2):  # jobs of several calls
+            assert list(pool.map(total, arrays, chunksize=3)) == pytest.approx(
+                [a.sum() for a in arrays]
+            )
+        # A worker reports a segment as kept only while an object made from it lives on;
+        # the pool then never writes it again, and has to make new ones.
+        assert discarded == []
+        assert pool.submit(keep_and_sum, arrays[0]).result(WAIT) == pytest.approx(arrays[0].sum())
+        assert len(discarded) == 1
 
 
 def test_segments_are_reused_and_gone_after_shutdown() -> None:

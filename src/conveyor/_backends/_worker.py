@@ -447,7 +447,11 @@ class _Job:
         clock = time.perf_counter
         started = last = clock()
         if not self.fast and count <= 64:
+            # (Flushed here, not in _run_each: its locals hold the arguments, and a segment
+            # they are made from could not be let go while they live.)
             self._run_each(count, started)
+            self.mark[1] = count
+            self._flush(True, clock() - started)
             return
         # Reading the clock after every call would cost as much as a trivial call: with many
         # calls (so each is fast) look at it once per chunk.
@@ -487,8 +491,6 @@ class _Job:
                 self.first = index + 1
                 values, errors = self.values, self.errors  # (new ones after a flush)
                 last = now
-        mark[1] = count
-        self._flush(True, clock() - started)
 
     def _run_careful(self, low: int, high: int) -> None:
         """Each call marked before it runs: if one kills the process, the pool knows which."""
