@@ -75,6 +75,7 @@ class Job:
         "deadline",
         "expected_end",
         "files",
+        "fn_id",
         "indexes",
         "large",
         "ordinal",
@@ -101,6 +102,7 @@ class Job:
         # Its message body as last packed, kept for a rerun (see Scheduling._repack): its
         # function's wire id, ``fast`` and the body (one without the function, short).
         self.packed: tuple[int, bool, bytes] | None = None
+        self.fn_id = 0  # its function's wire id, once packed
         run.open_jobs += 1
 
 
@@ -420,6 +422,7 @@ class Scheduling:
             self._jobs.appendleft(job)
             return False
         job.files = files
+        job.fn_id = fn_id
         job.segments = self._segments.last
         if fn_blob is None and not files and len(payload) <= PIPELINE_BYTES:
             job.packed = (fn_id, fast, payload)
@@ -526,7 +529,7 @@ class Scheduling:
                 if head.run.batch.timeout is not None:
                     head.deadline = time.monotonic() + head.run.batch.timeout
                 if head.expected_end is not None:
-                    seconds = self._functions.call_seconds(head.run.batch.fn)
+                    seconds = self._functions.seconds_by_id(head.fn_id)
                     if seconds is not None:
                         head.expected_end = time.monotonic() + seconds * len(head.indexes)
             if self._max_tasks is not None and proc.done >= self._max_tasks and not proc.jobs:

@@ -213,8 +213,10 @@ def wrap_big_bytes(items: Sequence[Any]) -> Sequence[Any]:
     """
     if not _HAS_SHM or len(items) > 64:
         return items
-    if len(items) == 1:  # (a submit's)
+    if len(items) == 1:  # (a submit's: a tuple of small arguments, most often)
         item = items[0]
+        if type(item) is tuple and not any(map(_is_big_bytes, item)):
+            return items
         wrapped_one = _wrap(item)
         return items if wrapped_one is item else [wrapped_one]
     wrapped = [_wrap(item) for item in items]
