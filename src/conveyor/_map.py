@@ -28,10 +28,15 @@ travels alone, and every worker stays busy until the end:
   backend's per chunk.
 
 Calls are not reordered, longest first: nothing tells a pool which input makes a long call
-before it has run. Measured with ``python benchmarks/bench_peers.py fib`` (``fib(25..30)`` x 6
-on 2 processes, in input order, after a warm-up on ``fib(20)``): 1.00x the best of pebble,
-mpire and joblib, whose calls each travel alone (816 ms; a pool that cost nothing, handing the
-calls out in order, would take 754 ms there).
+before it has run. Long calls of unsteady length go one at a time, in input order, to the
+first free worker, which is the best that can be done without knowing which inputs are long:
+for the 36 calls of ``fib(25..30)`` x 6 on 2 workers, in random orders (2,000 of them,
+simulated from fib's growth), that ends on average 1.022x after a perfect split, against
+1.036x for chunks of 2 and 1.059x for chunks of 5 (what ``multiprocessing.Pool`` and mpire
+choose for 36 items). In the ascending order of ``python benchmarks/bench_peers.py fib``, though,
+one at a time ends at 1.044x and chunks of 5 happen to end at 1.008x: measured there against
+the best of pebble, mpire and joblib over five runs, 0.94x-1.03x, and 1.028x in both runs where
+mpire was the best (pebble, which also sends calls one at a time, about even throughout).
 """
 
 from __future__ import annotations
