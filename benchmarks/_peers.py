@@ -78,45 +78,6 @@ def _chunks(chunksize: int | None, keyword: str = "chunksize") -> dict[str, int]
     return {} if chunksize is None else {keyword: chunksize}
 
 
-class ConveyorPeer(Peer):
-    name = CONVEYOR
-    how = "backend='process', forkserver"
-    submits = "pool.submit(f, x) ... future.result()"
-
-    def start(self) -> None:
-        self.pool: conveyor.Pool = conveyor.Pool(backend="process", workers=self.workers)
-
-    def map(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
-        return list(self.pool.map(fn, items, chunksize=chunksize))
-
-    def imap(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
-        return list(self.pool.imap(fn, items, chunksize=chunksize))
-
-    def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
-        return list(self.pool.imap_unordered(fn, items))
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, *args).result()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.submit(fn, *args)
-
-    def stop(self) -> None:
-        self.pool.shutdown()
-
-
-class ConveyorExecutorPeer(ConveyorPeer):
-    """conveyor's drop-in for the stdlib's executor (its ``map`` submits the whole input at
-    once, as the stdlib's does)."""
-
-    name = "conveyor.ProcessPoolExecutor"
-    how = "the drop-in executor, forkserver"
-    submits = "executor.submit(f, x) ... future.result()"
-
-    def start(self) -> None:
-        self.pool = conveyor.ProcessPoolExecutor(max_workers=self.workers)
-
-
 class _ExecutorPeer(Peer):
     """A ``concurrent.futures.Executor`` started by ``start`` as ``self.pool``."""
 
@@ -133,6 +94,33 @@ class _ExecutorPeer(Peer):
 
     def stop(self) -> None:
         self.pool.shutdown()
+
+
+class ConveyorPeer(_ExecutorPeer):
+    name = CONVEYOR
+    how = "backend='process', forkserver"
+    submits = "pool.submit(f, x) ... future.result()"
+
+    def start(self) -> None:
+        self.pool: conveyor.Pool = conveyor.Pool(backend="process", workers=self.workers)
+
+    def imap(self, fn: Callable[[Any], Any], items: Any, chunksize: int | None = None) -> list[Any]:
+        return list(self.pool.imap(fn, items, chunksize=chunksize))
+
+    def imap_unordered(self, fn: Callable[[Any], Any], items: Any) -> list[Any]:
+        return list(self.pool.imap_unordered(fn, items))
+
+
+class ConveyorExecutorPeer(ConveyorPeer):
+    """conveyor's drop-in for the stdlib's executor (its ``map`` submits the whole input at
+    once, as the stdlib's does)."""
+
+    name = "conveyor.ProcessPoolExecutor"
+    how = "the drop-in executor, forkserver"
+    submits = "executor.submit(f, x) ... future.result()"
+
+    def start(self) -> None:
+        self.pool = conveyor.ProcessPoolExecutor(max_workers=self.workers)
 
 
 class StdlibPeer(_ExecutorPeer):

@@ -81,6 +81,34 @@ def _per_round(t: Timings) -> str:
 # -- 1. fib -------------------------------------------------------------------------------------
 
 
+def _throughput_table(
+    results: dict[str, Timings],
+    how: dict[str, str],
+    base: float,
+    count: int,
+    unit: str,
+    versus: str,
+) -> None:
+    """Each contender's call, times and rate (``count`` per median), and its rate against
+    the contender whose median is ``base``; then the contenders that failed."""
+    table(
+        ["contender", "call", "median", "best", "rounds", unit, versus],
+        [
+            _cells(
+                t,
+                how[t.name],
+                fmt_seconds(t.median),
+                fmt_seconds(t.best),
+                str(len(t.times)),
+                f"{count / t.median:,.0f}",
+                f"{_ratio(base, t.median):.2f}x",
+            )
+            for t in results.values()
+        ],
+    )
+    _failures(results)
+
+
 def _in_order_makespan(durations: Sequence[float], workers: int) -> float:
     """Seconds a pool that costs nothing takes for calls handed out in input order, each to
     the worker that becomes free first."""
@@ -193,22 +221,7 @@ def _submit_case() -> None:
         _stop(peers)
     how = {p.name: p.submits for p in peers}
     base = results[MP_POOL].median
-    table(
-        ["contender", "call", "median", "best", "rounds", "calls/s", "vs mp.Pool"],
-        [
-            _cells(
-                t,
-                how[t.name],
-                fmt_seconds(t.median),
-                fmt_seconds(t.best),
-                str(len(t.times)),
-                f"{SUBMIT_CALLS / t.median:,.0f}",
-                f"{_ratio(base, t.median):.2f}x",
-            )
-            for t in results.values()
-        ],
-    )
-    _failures(results)
+    _throughput_table(results, how, base, SUBMIT_CALLS, "calls/s", "vs mp.Pool")
     note("'vs mp.Pool' is a ratio of throughputs (higher is faster); every submit comes before")
     note("the first result is asked for, as with [executor.submit(f, x) for x in xs]")
     mine = results[CONVEYOR].median
@@ -258,22 +271,7 @@ def _chunk1_case() -> None:
     finally:
         _stop(peers)
     base = results[MP_IMAP].median
-    table(
-        ["contender", "call", "median", "best", "rounds", "items/s", "vs mp.Pool.imap"],
-        [
-            _cells(
-                t,
-                how[t.name],
-                fmt_seconds(t.median),
-                fmt_seconds(t.best),
-                str(len(t.times)),
-                f"{CHUNK1_ITEMS / t.median:,.0f}",
-                f"{_ratio(base, t.median):.2f}x",
-            )
-            for t in results.values()
-        ],
-    )
-    _failures(results)
+    _throughput_table(results, how, base, CHUNK1_ITEMS, "items/s", "vs mp.Pool.imap")
     note("'vs mp.Pool.imap' is a ratio of throughputs (higher is faster); joblib's batch_size")
     note("and mpire's chunk_size are their names for chunksize; a slow contender runs fewer rounds")
     mine = results[CONVEYOR].median

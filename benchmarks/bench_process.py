@@ -319,6 +319,27 @@ def _in_order_bound(durations: list[float], workers: int) -> float:
 # -- 3. numpy -----------------------------------------------------------------------------------
 
 
+def _megabytes_table(first: str, results: dict[str, Timings], megabytes: float) -> None:
+    """Each contender's times and rate over ``megabytes``, against ``multiprocessing.Pool``'s,
+    with the rate of each round; then the contenders that failed."""
+    base = results[MP_POOL].median
+    table(
+        [first, "median", "best", "MB/s", "vs mp.Pool", "MB/s in each round"],
+        [
+            _cells(
+                t,
+                fmt_seconds(t.median),
+                fmt_seconds(t.best),
+                f"{megabytes / t.median:,.0f}",
+                f"{_ratio(base, t.median):.2f}x",
+                " ".join(f"{megabytes / x:,.0f}" for x in t.times),
+            )
+            for t in results.values()
+        ],
+    )
+    _failures(results)
+
+
 def _numpy_case() -> None:
     import numpy as np
 
@@ -345,21 +366,7 @@ def _numpy_case() -> None:
     finally:
         _stop(peers)
     base = results[MP_POOL].median
-    table(
-        ["contender", "median", "best", "MB/s", "vs mp.Pool", "MB/s in each round"],
-        [
-            _cells(
-                t,
-                fmt_seconds(t.median),
-                fmt_seconds(t.best),
-                f"{megabytes / t.median:,.0f}",
-                f"{_ratio(base, t.median):.2f}x",
-                " ".join(f"{megabytes / x:,.0f}" for x in t.times),
-            )
-            for t in results.values()
-        ],
-    )
-    _failures(results)
+    _megabytes_table("contender", results, megabytes)
     note(f"{megabytes:g} MB per round; MB/s = megabytes / median time")
     mine = results[CONVEYOR].median
     floor(
@@ -404,21 +411,7 @@ def _numpy_fresh(megabytes: float) -> None:
             except Exception as exc:
                 timing.error = f"{type(exc).__name__}: {exc}"[:200]
     base = results[MP_POOL].median
-    table(
-        ["first map, new pool", "median", "best", "MB/s", "vs mp.Pool", "MB/s in each round"],
-        [
-            _cells(
-                t,
-                fmt_seconds(t.median),
-                fmt_seconds(t.best),
-                f"{megabytes / t.median:,.0f}",
-                f"{_ratio(base, t.median):.2f}x",
-                " ".join(f"{megabytes / x:,.0f}" for x in t.times),
-            )
-            for t in results.values()
-        ],
-    )
-    _failures(results)
+    _megabytes_table("first map, new pool", results, megabytes)
     note("each round runs _fresh_map.py once per contender, in a new process, as a user's")
     note("script: numpy imported at its top, the pool created, then only pool.map(fn, arrays)")
     note("timed; conveyor, the stdlib's executor and loky start their workers inside it")
