@@ -461,19 +461,19 @@ class _MapState:
         lately = self._lately
         if len(lately) < 2:
             return False
-        later, earlier = sorted(lately)[-1], sorted(lately)[-2]
+        earlier, later = sorted(lately)[-2:]
         return lately[later] > TAIL_GROWTH * lately[earlier]
 
     def _reverse_tail(self) -> bool:
         """Send the rest of the input, when it is a few long calls whose length grew along
         the input, last one first (see the module's doc); True if it did. Their results
         still come in input order."""
+        # (Cheapest first: this is asked before every batch a map makes.)
         if (
-            self._eager
+            not self._growing()
+            or self._eager
             or self._chunksize is not None
-            or self._per_item is None
             or self._batch_size() != 1
-            or not self._growing()
         ):
             return False
         if self._range is not None:

@@ -200,13 +200,20 @@ class Scheduling:
 
     def _next_work(self) -> float | None:
         """``_short_work`` of the job ``_next_job`` would return (None if there is none)."""
+        head = self._peek()
+        return None if head is None or head[2] else self._work_of(head[0], head[1])
+
+    def _peek(self) -> tuple[Batch, int, bool] | None:
+        """The batch of the job ``_next_job`` would return, its number of calls, and whether
+        it is large (too large to wait in a pipe); None if there is none."""
         if self._jobs:
-            return self._short_work(self._jobs[0])
+            job = self._jobs[0]
+            return job.run.batch, len(job.indexes), job.large
         try:
             batch = self._inbox[0]
         except IndexError:  # (or another thread drained it: shutdown(cancel_futures=True))
             return None
-        return self._work_of(batch, min(len(batch.args), batch.chunk or len(batch.args)))
+        return batch, min(len(batch.args), batch.chunk or len(batch.args)), False
 
     def _work_of(self, batch: Batch, calls: int) -> float | None:
         if batch.timeout is not None:
@@ -228,16 +235,10 @@ class Scheduling:
         head = jobs[0]
         if head.expected_end is None or head.closing != jobs[-1].closing:
             return None
-        if self._jobs:
-            batch = self._jobs[0].run.batch
-            if self._jobs[0].large:
-                return None
-        else:
-            try:
-                batch = self._inbox[0]
-            except IndexError:
-                return None
-        if batch.timeout is not None or not self._functions.steady(head.run.batch.fn):
+        following = self._peek()
+        if following is None or following[2] or following[0].timeout is not None:
+            return None
+        if not self._functions.steady(head.run.batch.fn):
             return None
         return head.expected_end - PREFETCH_SECONDS
 
@@ -254,7 +255,7 @@ class Scheduling:
             if proc.jobs:
                 busy += 1
                 job = proc.jobs[0]
-                seconds = self._functions.call_seconds(job.run.batch.fn)
+                seconds = self._functions.seconds_by_id(job.fn_id)
                 if seconds is not None and seconds * len(job.indexes) < SPIN_SECONDS:
                     soon = True
         return soon and busy < self._cpus

@@ -447,26 +447,24 @@ class _Job:
         clock = time.perf_counter
         started = last = clock()
         if not self.fast and count <= 64:
-            # (Flushed here, not in _run_each: its locals hold the arguments, and a segment
-            # they are made from could not be let go while they live.)
             self._run_each(count, started)
-            self.mark[1] = count
-            self._flush(True, clock() - started)
-            return
-        # Reading the clock after every call would cost as much as a trivial call: with many
-        # calls (so each is fast) look at it once per chunk.
-        step = 256 if self.fast else 1 if count <= 64 else 64
-        for low in range(0, count, step):
-            high = min(low + step, count)
-            if self.fast:
-                self._run_fast(low, high)
-            else:
-                self._run_careful(low, high)
-            now = clock()
-            if now - last >= JOB_FLUSH_SECONDS and high < count:
-                self._flush(False, now - started)
-                self.first = high
-                last = now
+        else:
+            # Reading the clock after every call would cost as much as a trivial call: with
+            # many calls (so each is fast) look at it once per chunk.
+            step = 256 if self.fast else 64
+            for low in range(0, count, step):
+                high = min(low + step, count)
+                if self.fast:
+                    self._run_fast(low, high)
+                else:
+                    self._run_careful(low, high)
+                now = clock()
+                if now - last >= JOB_FLUSH_SECONDS and high < count:
+                    self._flush(False, now - started)
+                    self.first = high
+                    last = now
+        # (The last outcomes are sent here, once the loops have returned: their locals hold
+        # the arguments, and a segment they are made from could not be let go while they live.)
         self.mark[1] = count
         self._flush(True, clock() - started)
 
